@@ -1,0 +1,340 @@
+"""Policy and processor loading, and the tiny Qwen2-VL-architecture policy built without any hub.
+
+`build_tiny_policy` writes an ordinary Hugging Face folder (config, safetensors weights, a byte-level
+BPE tokenizer trained locally, the Qwen2-VL chat template and image processor), so every other part
+of the system loads the embedded default exactly as it loads a real checkpoint: `load_policy` and
+`load_processor` with `local_files_only=True`.
+
+Traps of transformers 5.x without torchvision (../shared/STACK-NOTES.md): the image processor falls
+back to the PIL one; the Qwen2-VL processor cannot be built with a video processor, so the folder is
+loaded through subclasses that have none; the model needs `mm_token_type_ids`; sampling must
+suppress the vision special tokens (`vision_special_ids`).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from transformers import (
+    AutoModelForImageTextToText,
+    PreTrainedModel,
+    PreTrainedTokenizerFast,
+    Qwen2_5_VLConfig,
+    Qwen2_5_VLForConditionalGeneration,
+    Qwen2VLConfig,
+    Qwen2VLForConditionalGeneration,
+)
+from transformers.models.qwen2_5_vl.processing_qwen2_5_vl import Qwen2_5_VLProcessor
+from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+from transformers.models.qwen2_vl.processing_qwen2_vl import Qwen2VLProcessor
+
+log = logging.getLogger(__name__)
+
+# Qwen2-VL's 14 special tokens, in Qwen's order (ids follow the trained vocabulary here).
+QWEN_SPECIAL_TOKENS = [
+    "<|endoftext|>",
+    "<|im_start|>",
+    "<|im_end|>",
+    "<|object_ref_start|>",
+    "<|object_ref_end|>",
+    "<|box_start|>",
+    "<|box_end|>",
+    "<|quad_start|>",
+    "<|quad_end|>",
+    "<|vision_start|>",
+    "<|vision_end|>",
+    "<|vision_pad|>",
+    "<|image_pad|>",
+    "<|video_pad|>",
+]
+
+# The chat template Qwen2-VL-Instruct ships (system prompt inserted when none is given).
+QWEN2_VL_CHAT_TEMPLATE = (
+    "{% set image_count = namespace(value=0) %}{% set video_count = namespace(value=0) %}"
+    "{% for message in messages %}{% if loop.first and message['role'] != 'system' %}"
+    "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}"
+    "<|im_start|>{{ message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] }}<|im_end|>\n"
+    "{% else %}{% for content in message['content'] %}"
+    "{% if content['type'] == 'image' or 'image' in content or 'image_url' in content %}"
+    "{% set image_count.value = image_count.value + 1 %}"
+    "{% if add_vision_id %}Picture {{ image_count.value }}: {% endif %}"
+    "<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif content['type'] == 'video' or 'video' in content %}"
+    "{% set video_count.value = video_count.value + 1 %}"
+    "{% if add_vision_id %}Video {{ video_count.value }}: {% endif %}"
+    "<|vision_start|><|video_pad|><|vision_end|>"
+    "{% elif 'text' in content %}{{ content['text'] }}{% endif %}{% endfor %}<|im_end|>\n"
+    "{% endif %}{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+# Image size limits of the tiny policy's processor: small images keep CPU steps fast. A real
+# checkpoint keeps its own limits (its preprocessor_config.json).
+TINY_MIN_PIXELS = 56 * 56
+TINY_MAX_PIXELS = 224 * 224
+
+# Sizes of the tiny policy. Text head_dim is 64 (hidden 128 / 2 heads), which vLLM's attention
+# kernels accept; mrope_section sums to head_dim / 2.
+_TINY_TEXT = dict(
+    hidden_size=128,
+    intermediate_size=512,
+    num_hidden_layers=4,
+    num_attention_heads=2,
+    num_key_value_heads=1,
+    max_position_embeddings=4096,
+    rms_norm_eps=1e-6,
+    tie_word_embeddings=True,
+    rope_parameters={"rope_type": "default", "rope_theta": 1_000_000.0, "mrope_section": [8, 12, 12]},
+)
+_TINY_VISION = {
+    "qwen2_vl": dict(depth=4, embed_dim=128, hidden_size=128, num_heads=2, mlp_ratio=2, patch_size=14,
+                     spatial_merge_size=2, temporal_patch_size=2, in_channels=3, hidden_act="quick_gelu"),
+    "qwen2_5_vl": dict(depth=4, hidden_size=128, out_hidden_size=128, intermediate_size=256, num_heads=2,
+                       patch_size=14, spatial_merge_size=2, temporal_patch_size=2, in_channels=3,
+                       hidden_act="silu", window_size=112, fullatt_block_indexes=[1, 3]),
+}
+ARCHES = tuple(_TINY_VISION)
+
+
+class Qwen2VLProcessorNoVideo(Qwen2VLProcessor):
+    """Qwen2-VL processor without a video processor (none can be built without torchvision)."""
+
+    def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
+        super().__init__(image_processor, tokenizer, None, chat_template=chat_template, **kwargs)
+
+
+class Qwen2_5_VLProcessorNoVideo(Qwen2_5_VLProcessor):
+    """Qwen2.5-VL processor without a video processor (none can be built without torchvision)."""
+
+    def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
+        super().__init__(image_processor, tokenizer, None, chat_template=chat_template, **kwargs)
+
+
+_PROCESSORS = {"qwen2_vl": Qwen2VLProcessorNoVideo, "qwen2_5_vl": Qwen2_5_VLProcessorNoVideo}
+_MODELS = {"qwen2_vl": Qwen2VLForConditionalGeneration, "qwen2_5_vl": Qwen2_5_VLForConditionalGeneration}
+
+
+def train_tokenizer(texts: list[str], vocab_size: int = 1024) -> PreTrainedTokenizerFast:
+    """A byte-level BPE trained on `texts`, with Qwen's special tokens and chat template.
+
+    Byte-level, as Qwen's own tokenizer is, so that any text (model output included) round-trips.
+    """
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.post_processor = processors.ByteLevel(trim_offsets=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        min_frequency=2,
+        special_tokens=QWEN_SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(texts, trainer=trainer)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        additional_special_tokens=QWEN_SPECIAL_TOKENS[1:],
+        model_max_length=4096,
+        padding_side="left",
+        clean_up_tokenization_spaces=False,
+    )
+    fast.chat_template = QWEN2_VL_CHAT_TEMPLATE
+    return fast
+
+
+def _special_ids(tokenizer: PreTrainedTokenizerFast) -> dict[str, int]:
+    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in QWEN_SPECIAL_TOKENS}
+    missing = [t for t, i in ids.items() if i is None or i == tokenizer.unk_token_id]
+    if missing:
+        raise ValueError(f"tokenizer lacks Qwen special tokens {missing}")
+    return ids
+
+
+def tiny_config(arch: str, tokenizer: PreTrainedTokenizerFast) -> Qwen2VLConfig | Qwen2_5_VLConfig:
+    """The tiny model config for `arch`, with every special token id taken from `tokenizer`."""
+    if arch not in ARCHES:
+        raise ValueError(f"arch must be one of {ARCHES}, got {arch!r}")
+    ids = _special_ids(tokenizer)
+    text = dict(
+        _TINY_TEXT,
+        vocab_size=len(tokenizer),
+        bos_token_id=ids["<|endoftext|>"],
+        eos_token_id=ids["<|im_end|>"],
+        pad_token_id=ids["<|endoftext|>"],
+    )
+    cls = Qwen2VLConfig if arch == "qwen2_vl" else Qwen2_5_VLConfig
+    return cls(
+        text_config=text,
+        vision_config=dict(_TINY_VISION[arch]),
+        image_token_id=ids["<|image_pad|>"],
+        video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"],
+        vision_end_token_id=ids["<|vision_end|>"],
+        tie_word_embeddings=True,
+    )
+
+
+def build_tiny_policy(out_dir: str | os.PathLike, arch: str = "qwen2_vl", seed: int = 0,
+                      texts: list[str] | None = None) -> Path:
+    """Write a tiny, randomly initialised Qwen2-VL-architecture policy as a Hugging Face folder.
+
+    `texts` trains the tokenizer; by default the synthetic task's own text (core.synthetic), so the
+    vocabulary covers every prompt and answer of the embedded task. Returns the folder.
+    """
+    from core import synthetic  # the task text is the tokenizer's corpus; a core-internal import
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tokenizer = train_tokenizer(texts if texts is not None else synthetic.corpus_texts(seed=seed))
+    config = tiny_config(arch, tokenizer)
+    torch.manual_seed(seed)
+    model = _MODELS[arch](config)
+    model.generation_config.eos_token_id = [config.text_config.eos_token_id]
+    model.generation_config.pad_token_id = config.text_config.pad_token_id
+    model.save_pretrained(out, safe_serialization=True)
+    image_processor = Qwen2VLImageProcessorPil(min_pixels=TINY_MIN_PIXELS, max_pixels=TINY_MAX_PIXELS)
+    processor = _PROCESSORS[arch](image_processor=image_processor, tokenizer=tokenizer,
+                                  chat_template=QWEN2_VL_CHAT_TEMPLATE)
+    processor.save_pretrained(out)
+    _standard_processor_files(out, arch)
+    n_params = sum(p.numel() for p in model.parameters())
+    log.info("built tiny %s policy (%.2fM parameters, vocab %d) in %s", arch, n_params / 1e6, len(tokenizer), out)
+    return out
+
+
+def _standard_processor_files(folder: Path, arch: str) -> None:
+    """Name the standard processor class and write `preprocessor_config.json` as real checkpoints do.
+
+    The folder must load with stock classes elsewhere (vLLM, AutoProcessor on a host with
+    torchvision), which cannot resolve our no-video subclass.
+    """
+    cfg_path = folder / "processor_config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg["processor_class"] = "Qwen2VLProcessor" if arch == "qwen2_vl" else "Qwen2_5_VLProcessor"
+    cfg_path.write_text(json.dumps(cfg, indent=2))
+    image_cfg = dict(cfg.get("image_processor", {}))
+    image_cfg["processor_class"] = cfg["processor_class"]
+    image_cfg["min_pixels"] = image_cfg.get("size", {}).get("shortest_edge", TINY_MIN_PIXELS)
+    image_cfg["max_pixels"] = image_cfg.get("size", {}).get("longest_edge", TINY_MAX_PIXELS)
+    (folder / "preprocessor_config.json").write_text(json.dumps(image_cfg, indent=2))
+
+
+def model_type(path: str | os.PathLike) -> str:
+    """`model_type` of a local Hugging Face folder (`qwen2_vl` or `qwen2_5_vl`), with a clear error."""
+    cfg = Path(path) / "config.json"
+    if not cfg.is_file():
+        raise FileNotFoundError(f"{cfg}: no config.json; model.path must be a local Hugging Face folder")
+    kind = json.loads(cfg.read_text()).get("model_type")
+    if kind not in ARCHES:
+        raise ValueError(f"{cfg}: model_type {kind!r} is not supported (supported: {ARCHES})")
+    return kind
+
+
+def load_processor(path: str | os.PathLike):
+    """The processor of a local Qwen2-VL / Qwen2.5-VL folder, loaded without a video processor."""
+    return _PROCESSORS[model_type(path)].from_pretrained(str(path), local_files_only=True)
+
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_dtype(dtype: str | torch.dtype, device: str | torch.device) -> torch.dtype:
+    """`auto` is bfloat16 on CUDA and float32 elsewhere (bf16 matmuls are slow on these CPUs)."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype == "auto":
+        return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+    if dtype not in _DTYPES:
+        raise ValueError(f"dtype must be auto or one of {sorted(_DTYPES)}, got {dtype!r}")
+    return _DTYPES[dtype]
+
+
+def load_policy(path: str | os.PathLike, dtype: str | torch.dtype = "auto", device: str | torch.device = "cpu",
+                attn_implementation: str | None = "sdpa") -> PreTrainedModel:
+    """A Qwen2-VL / Qwen2.5-VL policy from a local folder (tiny or a real checkpoint), in eval mode."""
+    model_type(path)  # a clear error before transformers' own
+    model = AutoModelForImageTextToText.from_pretrained(
+        str(path),
+        local_files_only=True,
+        dtype=resolve_dtype(dtype, device),
+        attn_implementation=attn_implementation,
+    )
+    return model.to(device).eval()
+
+
+def vision_special_ids(config) -> list[int]:
+    """Token ids a policy must never sample: a sampled image pad breaks the next forward."""
+    ids = [config.image_token_id, config.video_token_id, config.vision_start_token_id, config.vision_end_token_id]
+    return sorted({int(i) for i in ids if i is not None})
+
+
+def chat_prompt(processor, problem: str, format_prompt: str = "") -> str:
+    """Chat-templated prompt text with one image where `<image>` stood (first, when it is absent).
+
+    A data set may hold several `<image>` marks for one image (geometry3k does not, MM-Eureka rarely);
+    only the first becomes the image, the rest are dropped, so the image pad count always matches.
+    """
+    before, mark, after = (problem + format_prompt).partition("<image>")
+    if not mark:
+        before, after = "", before
+    after = after.replace("<image>", "")
+    content = ([{"type": "text", "text": before}] if before.strip() else []) + [{"type": "image"}]
+    if after.strip():
+        content.append({"type": "text", "text": after})
+    messages = [{"role": "user", "content": content}]
+    return processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+
+
+def encode_prompts(processor, texts: list[str], images: list) -> dict[str, torch.Tensor]:
+    """Left-padded generation inputs for prompts with one image each.
+
+    Returns input_ids, attention_mask, mm_token_type_ids ([B, L] int64), pixel_values
+    ([patches, C*T*14*14] float32) and image_grid_thw ([B, 3] int64).
+    """
+    processor.tokenizer.padding_side = "left"
+    enc = processor(text=texts, images=images, padding=True, return_tensors="pt")
+    return dict(enc)
+
+
+def encode_prompt_response(processor, texts: list[str], images: list,
+                           responses: list[list[int] | torch.Tensor]) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """Right-padded teacher-forcing inputs `prompt + response` and the mask of response tokens.
+
+    `responses[i]` are token ids ([T_i] int64). Returns the model inputs (input_ids, attention_mask,
+    mm_token_type_ids [B, L] int64; pixel_values [patches, D] float32; image_grid_thw [B, 3] int64)
+    and `response_mask` ([B, L] bool, True at the positions of response tokens). The logits that
+    predict response token j sit one position earlier: use `response_mask[:, 1:]` against
+    `logits[:, :-1]`.
+    """
+    processor.tokenizer.padding_side = "left"
+    enc = processor(text=texts, images=images, padding=True, return_tensors="pt")
+    pad = processor.tokenizer.pad_token_id
+    rows, types, resp_lens = [], [], []
+    for i, resp in enumerate(responses):
+        keep = enc["attention_mask"][i].bool()
+        resp = torch.as_tensor(resp, dtype=torch.long).reshape(-1)
+        rows.append(torch.cat([enc["input_ids"][i][keep], resp]))
+        types.append(torch.cat([enc["mm_token_type_ids"][i][keep], torch.zeros_like(resp)]))
+        resp_lens.append(resp.numel())
+    length = max(r.numel() for r in rows)
+    batch = len(rows)
+    input_ids = torch.full((batch, length), pad, dtype=torch.long)
+    attention_mask = torch.zeros((batch, length), dtype=torch.long)
+    mm_types = torch.zeros((batch, length), dtype=torch.long)
+    response_mask = torch.zeros((batch, length), dtype=torch.bool)
+    for i, (row, typ, n_resp) in enumerate(zip(rows, types, resp_lens)):
+        n = row.numel()
+        input_ids[i, :n] = row
+        attention_mask[i, :n] = 1
+        mm_types[i, :n] = typ
+        response_mask[i, n - n_resp:n] = True
+    inputs = dict(input_ids=input_ids, attention_mask=attention_mask, mm_token_type_ids=mm_types,
+                  pixel_values=enc["pixel_values"], image_grid_thw=enc["image_grid_thw"])
+    return inputs, response_mask
