@@ -23,6 +23,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 from tqdm import tqdm
 
@@ -51,8 +52,10 @@ class BootstrapSettings:
     """Optimizer steps."""
     batch_size: int = 16
     """Examples per step."""
-    lr: float = 2e-3
-    """Peak AdamW learning rate (linear warm-up, cosine decay)."""
+    lr: float = 3e-4
+    """Peak AdamW learning rate (linear warm-up, cosine decay). Measured on the tiny policy: at 1e-3 and
+    above the language model learns to ignore the image tokens within 100 steps (real and blank
+    images give the same loss) and never recovers; at 3e-4 it reads the image."""
     warmup: int = 30
     """Warm-up steps."""
     eval_batch: int = 50
@@ -73,12 +76,16 @@ class BootstrapResult:
     """Wall time of training plus evaluation."""
     steps: int
     """Optimizer steps run."""
+    initial_loss: float
+    """Mean training loss over the first steps (a random policy: about ln(vocab))."""
     final_loss: float
-    """Mean training loss over the last 50 steps."""
+    """Mean training loss over the last fifth of the steps (at most 50)."""
     accuracy: float
     """Greedy accuracy on the test split."""
     format_rate: float
     """Fraction of test responses with an extractable answer."""
+    blank_accuracy: float = 0.0
+    """Greedy test accuracy with every image replaced by a white one: how much is answered without looking."""
     accuracy_by_family: dict[str, float] = field(default_factory=dict)
     """Greedy accuracy per synthetic family (empty for non-synthetic data)."""
     n_test: int = 0
@@ -128,9 +135,13 @@ def _load(cfg: Config, processor, files: list[str], limit: int | None):
 
 
 @torch.no_grad()
-def greedy_accuracy(model, processor, prompts, format_prompt: str, batch: int = 50,
-                    max_new_tokens: int = 40) -> tuple[float, float, dict[str, float], list[str]]:
-    """Greedy accuracy, format rate, accuracy per synthetic family, and the responses."""
+def greedy_accuracy(model, processor, prompts, format_prompt: str, batch: int = 50, max_new_tokens: int = 40,
+                    blank: bool = False) -> tuple[float, float, dict[str, float], list[str]]:
+    """Greedy accuracy, format rate, accuracy per synthetic family, and the responses.
+
+    `blank=True` replaces every image by a white one of the same size: the gap to the real accuracy is
+    what the policy takes from the image (the attack can only move answers that depend on it).
+    """
     model.eval()
     suppress = vision_special_ids(model.config)
     eos = processor.tokenizer.convert_tokens_to_ids("<|im_end|>")
@@ -138,7 +149,7 @@ def greedy_accuracy(model, processor, prompts, format_prompt: str, batch: int = 
     for i in range(0, len(prompts), batch):
         chunk = prompts[i:i + batch]
         inputs = encode_prompts(processor, [chat_prompt(processor, p.problem, format_prompt) for p in chunk],
-                                [p.image for p in chunk])
+                                [np.full_like(p.image, 255) if blank else p.image for p in chunk])
         out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, suppress_tokens=suppress,
                              eos_token_id=eos, pad_token_id=processor.tokenizer.pad_token_id)
         new = out[:, inputs["input_ids"].shape[1]:]
@@ -214,10 +225,15 @@ def bootstrap(cfg: Config, settings: BootstrapSettings | None = None, out: str |
 
     acc, fmt, by_family, responses = greedy_accuracy(model, processor, test, cfg.data.format_prompt,
                                                      st.eval_batch, st.max_new_tokens)
+    blank_acc = greedy_accuracy(model, processor, test, cfg.data.format_prompt, st.eval_batch, st.max_new_tokens,
+                                blank=True)[0]
     seconds = time.perf_counter() - t0
+    window = max(1, min(50, len(losses) // 5))
     result = BootstrapResult(path=str(out), seconds=round(seconds, 1), steps=st.steps,
-                             final_loss=round(sum(losses[-50:]) / len(losses[-50:]), 4) if losses else float("nan"),
-                             accuracy=acc, format_rate=fmt, accuracy_by_family=by_family, n_test=len(test))
+                             initial_loss=round(sum(losses[:window]) / window, 4),
+                             final_loss=round(sum(losses[-window:]) / window, 4),
+                             accuracy=acc, format_rate=fmt, blank_accuracy=blank_acc,
+                             accuracy_by_family=by_family, n_test=len(test))
     # Written next to the final folder and renamed into place: an interrupted run leaves no
     # half-written policy that later runs would take for a finished one.
     tmp = out.with_name(out.name + ".tmp")
@@ -272,7 +288,7 @@ def main(argv: list[str] | None = None) -> int:
     result = bootstrap(cfg, BootstrapSettings(steps=args.steps))
     print(json.dumps(asdict(result), indent=2))
     print(f"bootstrapped policy: {result.path} (greedy test accuracy {100 * result.accuracy:.1f}%, "
-          f"{result.seconds:.0f} s)")
+          f"{100 * result.blank_accuracy:.1f}% with blank images, {result.seconds:.0f} s)")
     return 0
 
 

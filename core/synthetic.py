@@ -66,15 +66,19 @@ def _centred_text(draw: ImageDraw.ImageDraw, xy: tuple[float, float], text: str,
 
 
 def _count(rng: random.Random, size: int, difficulty: int) -> Example:
-    n_colours = min(2 + difficulty, len(COLOURS))
+    # Difficulty 0 draws only the asked colour (count what is there); each level adds a distractor.
+    n_colours = min(1 + difficulty, len(COLOURS))
     colours = rng.sample(list(COLOURS), n_colours)
     target = colours[0]
-    max_each = 3 + difficulty
+    max_each = 4 + difficulty
     counts = {c: rng.randint(0 if c != target else 1, max_each) for c in colours}
     img = Image.new("RGB", (size, size), (255, 255, 255))
     draw = ImageDraw.Draw(img)
-    r = max(5, size // 14)
-    cells = [(i, j) for i in range(size // (2 * r + 2)) for j in range(size // (2 * r + 2))]
+    # One shape per 28-pixel cell: a cell is exactly one merged image token of Qwen2-VL (patch 14,
+    # merge 2), so a tiny vision tower can learn counting in minutes; a little jitter inside the cell.
+    cell = 28
+    r = 10
+    cells = [(i, j) for i in range(size // cell) for j in range(size // cell)]
     rng.shuffle(cells)
     placed = {c: 0 for c in colours}
     for c in colours:
@@ -82,7 +86,8 @@ def _count(rng: random.Random, size: int, difficulty: int) -> Example:
             if not cells:
                 break
             i, j = cells.pop()
-            cx, cy = i * (2 * r + 2) + r + 1, j * (2 * r + 2) + r + 1
+            cx = i * cell + cell / 2 + rng.uniform(-2, 2)
+            cy = j * cell + cell / 2 + rng.uniform(-2, 2)
             shape = rng.choice(SHAPES)
             box = (cx - r, cy - r, cx + r, cy + r)
             if shape == "circle":
