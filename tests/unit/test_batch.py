@@ -1,0 +1,30 @@
+import pickle
+
+import numpy as np
+import pytest
+import torch
+
+from core.batch import Group, Prompt, Sample
+
+
+def _prompt(uid="p:0"):
+    return Prompt(uid=uid, problem="<image>How many?", answer="3", image=np.zeros((56, 56, 3), np.uint8))
+
+
+@pytest.mark.parametrize("image", [np.zeros((56, 56, 3), np.float32), np.zeros((56, 56), np.uint8),
+                                   np.zeros((56, 56, 4), np.uint8), [[0]]])
+def test_prompt_rejects_images_that_are_not_hw3_uint8(image):
+    with pytest.raises(ValueError, match="'bad:7'"):
+        Prompt(uid="bad:7", problem="q", answer="a", image=image)
+
+
+def test_group_orders_clean_then_adversarial_and_pickles():
+    clean = [Sample("p:0", torch.tensor([1, 2]), "a", "stop", reward=r, index=i) for i, r in enumerate([1.0, 0.0])]
+    adv = [Sample("p:0", torch.tensor([3]), "b", "length", adversarial=True, reward=0.1, index=0)]
+    group = Group(_prompt(), clean=clean, adversarial=adv, adv_image=np.ones((56, 56, 3), np.uint8))
+    assert [s.adversarial for s in group.samples] == [False, False, True]
+    assert group.rewards.dtype == torch.float32
+    assert group.rewards.tolist() == pytest.approx([1.0, 0.0, 0.1])
+    back = pickle.loads(pickle.dumps(group))
+    assert back.prompt.uid == "p:0" and torch.equal(back.samples[2].response_ids, torch.tensor([3]))
+    assert np.array_equal(back.adv_image, group.adv_image)
