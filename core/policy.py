@@ -315,13 +315,36 @@ def encode_prompt_response(processor, texts: list[str], images: list,
     """
     processor.tokenizer.padding_side = "left"
     enc = processor(text=texts, images=images, padding=True, return_tensors="pt")
-    pad = processor.tokenizer.pad_token_id
+    keep = enc["attention_mask"].bool()
+    prompts = [(enc["input_ids"][i][keep[i]], enc["mm_token_type_ids"][i][keep[i]]) for i in range(len(texts))]
+    inputs, response_mask = _right_padded(prompts, responses, processor.tokenizer.pad_token_id)
+    inputs.update(pixel_values=enc["pixel_values"], image_grid_thw=enc["image_grid_thw"])
+    return inputs, response_mask
+
+
+def encode_responses_of_prompt(processor, text: str, image,
+                               responses: list[list[int] | torch.Tensor]) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """`encode_prompt_response` for n responses to ONE prompt: the image is processed once.
+
+    Returns input_ids, attention_mask, mm_token_type_ids ([n, L] int64), pixel_values of the single
+    image ([patches, D] float32), image_grid_thw ([1, 3] int64), and response_mask ([n, L] bool).
+    Feed it to a model only through a shared-vision forward (the image tokens of all n rows take the
+    one image's features), as adversary/attack.py does.
+    """
+    enc = processor(text=[text], images=[image], return_tensors="pt")
+    prompt = (enc["input_ids"][0], enc["mm_token_type_ids"][0])
+    inputs, response_mask = _right_padded([prompt] * len(responses), responses, processor.tokenizer.pad_token_id)
+    inputs.update(pixel_values=enc["pixel_values"], image_grid_thw=enc["image_grid_thw"])
+    return inputs, response_mask
+
+
+def _right_padded(prompts: list[tuple[torch.Tensor, torch.Tensor]], responses: list, pad: int):
+    """Rows `prompt + response`, right-padded; prompts are (ids [P] int64, mm types [P] int64)."""
     rows, types, resp_lens = [], [], []
-    for i, resp in enumerate(responses):
-        keep = enc["attention_mask"][i].bool()
+    for (ids, typ), resp in zip(prompts, responses):
         resp = torch.as_tensor(resp, dtype=torch.long).reshape(-1)
-        rows.append(torch.cat([enc["input_ids"][i][keep], resp]))
-        types.append(torch.cat([enc["mm_token_type_ids"][i][keep], torch.zeros_like(resp)]))
+        rows.append(torch.cat([ids, resp]))
+        types.append(torch.cat([typ, torch.zeros_like(resp)]))
         resp_lens.append(resp.numel())
     length = max(r.numel() for r in rows)
     batch = len(rows)
@@ -335,6 +358,4 @@ def encode_prompt_response(processor, texts: list[str], images: list,
         attention_mask[i, :n] = 1
         mm_types[i, :n] = typ
         response_mask[i, n - n_resp:n] = True
-    inputs = dict(input_ids=input_ids, attention_mask=attention_mask, mm_token_type_ids=mm_types,
-                  pixel_values=enc["pixel_values"], image_grid_thw=enc["image_grid_thw"])
-    return inputs, response_mask
+    return dict(input_ids=input_ids, attention_mask=attention_mask, mm_token_type_ids=mm_types), response_mask

@@ -1,0 +1,151 @@
+"""The Attacker on a real tiny policy: exact equivalences, then the property the method needs."""
+
+import numpy as np
+import pytest
+import torch
+
+from adversary.attack import Attacker, response_entropy
+from adversary.pixels import image_to_model_inputs, to_float_image
+from adversary.tsec import token_entropy
+from core import synthetic
+from core.batch import Prompt
+from core.config import AdversaryConfig, TsecConfig
+from core.policy import (
+    chat_prompt,
+    encode_prompt_response,
+    encode_prompts,
+    encode_responses_of_prompt,
+    load_policy,
+    load_processor,
+    vision_special_ids,
+)
+
+FORMAT = " Put the final answer in \\boxed{}."
+
+
+@pytest.fixture(scope="module")
+def policy(tiny_policy_dir):
+    return load_policy(tiny_policy_dir), load_processor(tiny_policy_dir)
+
+
+def _prompt(i: int) -> Prompt:
+    ex = synthetic.make_example(i, split="test")
+    return Prompt(uid=f"t:{i}", problem=ex.problem, answer=ex.answer, image=np.asarray(ex.image))
+
+
+def _sample(model, processor, prompt: Prompt, n: int, seed: int, max_new: int = 16) -> list[torch.Tensor]:
+    inputs = encode_prompts(processor, [chat_prompt(processor, prompt.problem, FORMAT)] * n, [prompt.image] * n)
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        out = model.generate(**inputs, max_new_tokens=max_new, do_sample=True,
+                             suppress_tokens=vision_special_ids(model.config))
+    pad, eos = processor.tokenizer.pad_token_id, processor.tokenizer.eos_token_id
+    responses = []
+    for row in out[:, inputs["input_ids"].shape[1]:].tolist():
+        if eos in row:
+            row = row[:row.index(eos) + 1]
+        responses.append(torch.tensor([t for t in row if t != pad] or [eos]))
+    return responses
+
+
+def test_shared_vision_entropy_equals_plain_forward(policy):
+    model, processor = policy
+    prompt = _prompt(0)
+    responses = _sample(model, processor, prompt, 4, seed=0)
+    text = chat_prompt(processor, prompt.problem, FORMAT)
+    inputs, rmask = encode_responses_of_prompt(processor, text, prompt.image, responses)
+    pv, grid = image_to_model_inputs(to_float_image(prompt.image), processor)
+    plain_inputs, plain_mask = encode_prompt_response(processor, [text] * 4, [prompt.image] * 4, responses)
+    with torch.no_grad():
+        ent, mask = response_entropy(model, inputs, rmask, pv, grid, chunk_tokens=5)
+        ref = token_entropy(model(**plain_inputs).logits[:, :-1]) * plain_mask[:, 1:]
+    assert torch.equal(mask, plain_mask[:, 1:])
+    torch.testing.assert_close(ent, ref, atol=1e-5, rtol=1e-5)
+
+
+def test_vision_tower_runs_once_per_evaluation(policy):
+    model, processor = policy
+    prompt = _prompt(1)
+    calls = []
+    handle = model.model.visual.register_forward_hook(lambda *a: calls.append(1))
+    try:
+        for n in (1, 6):
+            responses = _sample(model, processor, prompt, n, seed=n)  # generate runs the tower too
+            calls.clear()
+            objective = Attacker(model, processor, AdversaryConfig(), FORMAT).selective_objective(
+                prompt, responses, prompt.image)
+            objective(to_float_image(prompt.image))
+            assert len(calls) == 1, (n, len(calls))
+    finally:
+        handle.remove()
+
+
+def test_attack_raises_selective_entropy_in_most_seeded_trials(policy):
+    """The method's premise on a real policy: one signed step of 2/255 raises the selective entropy.
+
+    A single step is a linearisation, so it may fail on a prompt; it must not fail often.
+    """
+    model, processor = policy
+    attacker = Attacker(model, processor, AdversaryConfig(step_size=2 / 255, steps=1), FORMAT)
+    raised = 0
+    for trial in range(20):
+        prompt = _prompt(100 + trial)
+        result = attacker.attack(prompt, _sample(model, processor, prompt, 6, seed=trial))
+        raised += result.metrics["tsec/after"] > result.metrics["tsec/before"]
+    assert raised >= 18, f"raised in {raised}/20 trials"
+
+
+def test_attack_image_is_exact_uint8_within_eps(policy):
+    model, processor = policy
+    prompt = _prompt(2)
+    responses = _sample(model, processor, prompt, 3, seed=2)
+    for step, steps, eps in ((2 / 255, 1, None), (3 / 255, 1, None), (1 / 255, 3, 2 / 255)):
+        cfg = AdversaryConfig(step_size=step, steps=steps, eps=eps)
+        result = Attacker(model, processor, cfg, FORMAT).attack(prompt, responses)
+        adv = result.image
+        assert adv.dtype == np.uint8 and adv.shape == prompt.image.shape
+        diff = np.abs(adv.astype(int) - prompt.image.astype(int))
+        bound = round(255 * (eps if eps is not None else step * steps))
+        assert diff.max() <= bound and diff.max() > 0
+        assert result.metrics["egas/linf"] == pytest.approx(diff.max() / 255)
+
+
+@pytest.mark.parametrize("mode", ["all", "random", "top", "bottom"])
+def test_selection_modes_run_and_keep_expected_counts(policy, mode):
+    model, processor = policy
+    prompt = _prompt(3)
+    responses = _sample(model, processor, prompt, 4, seed=3)
+    cfg = AdversaryConfig(tsec=TsecConfig(mode=mode))
+    a = Attacker(model, processor, cfg, FORMAT).attack(prompt, responses)
+    b = Attacker(model, processor, cfg, FORMAT).attack(prompt, responses)
+    assert np.array_equal(a.image, b.image)  # `random` too: seeded by run seed and prompt
+    n_tokens = sum(len(r) for r in responses)
+    if mode == "all":
+        assert a.metrics["tsec/tokens_kept"] == n_tokens
+    else:
+        assert 0 < a.metrics["tsec/tokens_kept"] < n_tokens
+
+
+def test_baselines_none_and_noise(policy):
+    model, processor = policy
+    prompt = _prompt(4)
+    none = Attacker(model, processor, AdversaryConfig(kind="none"), FORMAT).attack(prompt, [])
+    assert np.array_equal(none.image, prompt.image)
+    noisy = Attacker(model, processor, AdversaryConfig(kind="noise", noise_t_start=400), FORMAT)
+    early, late = noisy.attack(prompt, [], progress=0.0), noisy.attack(prompt, [], progress=1.0)
+    assert early.metrics["noise/t"] == 400 and late.metrics["noise/t"] == 0
+    assert np.abs(early.image.astype(int) - prompt.image.astype(int)).mean() > 1
+    assert np.array_equal(noisy.attack(prompt, [], progress=0.0).image, early.image)
+
+
+def test_load_weights_is_strict_and_takes_effect(policy, tiny_policy_dir):
+    model, processor = policy
+    attacker = Attacker(load_policy(tiny_policy_dir), processor, AdversaryConfig(), FORMAT)
+    prompt = _prompt(5)
+    responses = _sample(model, processor, prompt, 2, seed=5)
+    before = attacker.attack(prompt, responses).metrics["tsec/before"]
+    state = {k: v + 0.01 * torch.randn_like(v) for k, v in model.state_dict().items()}
+    attacker.load_weights(state)
+    assert attacker.attack(prompt, responses).metrics["tsec/before"] != pytest.approx(before)
+    with pytest.raises(RuntimeError, match="Unexpected key"):
+        attacker.load_weights({**state, "bogus.weight": torch.zeros(1)})
