@@ -34,7 +34,7 @@ def _as_uint8_hwc(image_u8) -> np.ndarray:
         raise TypeError(f"expected a uint8 image, got dtype {arr.dtype}")
     if arr.ndim != 3 or arr.shape[-1] != 3:
         raise ValueError(f"expected an image [H, W, 3], got shape {arr.shape}")
-    return np.ascontiguousarray(arr)
+    return np.array(arr, copy=True)  # writable: images from Ray's object store are read-only
 
 
 def _in_levels(value: float) -> tuple[float, bool]:

@@ -1,0 +1,48 @@
+"""The adversary as a Ray actor: a thin shell around `adversary.attack.Attacker`.
+
+It loads its own copy of the policy from a local folder (the same one the rollout actors serve) and
+takes new weights from the learner through `load_weights`. Resources (CPU / GPU share) come from
+`cluster.adversary_cpus` / `cluster.adversary_gpus` via `create_adversary_actor`.
+"""
+
+from __future__ import annotations
+
+import ray
+import torch
+
+from adversary.attack import Attacker, AttackResult
+from core.batch import Prompt
+from core.config import Config
+from core.policy import load_policy, load_processor
+
+
+@ray.remote
+class AdversaryActor:
+    """Ray shell: every method forwards to the in-process `Attacker`."""
+
+    def __init__(self, model_path: str, cfg: Config):
+        device = "cuda" if cfg.cluster.adversary_gpus > 0 and torch.cuda.is_available() else "cpu"
+        if device == "cpu":
+            torch.set_num_threads(max(1, int(cfg.cluster.adversary_cpus)))  # cores are shared
+        policy = load_policy(model_path, dtype=cfg.model.dtype, device=device,
+                             attn_implementation=cfg.model.attn_implementation)
+        self.attacker = Attacker(policy, load_processor(model_path), cfg.adversary, cfg.data.format_prompt,
+                                 seed=cfg.run.seed)
+
+    def ready(self) -> bool:
+        return True
+
+    def attack(self, prompt: Prompt, responses: list[torch.Tensor], progress: float = 0.0) -> AttackResult:
+        return self.attacker.attack(prompt, responses, progress=progress)
+
+    def attack_many(self, items: list[tuple[Prompt, list[torch.Tensor]]], progress: float = 0.0) -> list[AttackResult]:
+        return self.attacker.attack_many(items, progress=progress)
+
+    def load_weights(self, named_tensors: dict[str, torch.Tensor]) -> None:
+        self.attacker.load_weights(named_tensors)
+
+
+def create_adversary_actor(model_path: str, cfg: Config):
+    """Start the adversary actor with the resources the config gives it."""
+    return AdversaryActor.options(num_cpus=cfg.cluster.adversary_cpus, num_gpus=cfg.cluster.adversary_gpus,
+                                  max_restarts=cfg.cluster.max_restarts).remote(model_path, cfg)

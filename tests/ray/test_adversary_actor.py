@@ -1,0 +1,38 @@
+import numpy as np
+import torch
+
+from adversary.actor import create_adversary_actor
+from adversary.attack import Attacker
+from core import synthetic
+from core.batch import Prompt
+from core.config import load_config
+from core.policy import load_policy, load_processor
+
+
+def test_actor_returns_the_in_process_image_and_takes_weights(ray_cluster, tiny_policy_dir):
+    ray = ray_cluster
+    cfg = load_config(None, ["cluster.adversary_cpus=1"])
+    ex = synthetic.make_example(7, split="test")
+    prompt = Prompt(uid="t:7", problem=ex.problem, answer=ex.answer, image=np.asarray(ex.image))
+    processor = load_processor(tiny_policy_dir)
+    tok = processor.tokenizer
+    responses = [torch.tensor(tok(t + "<|im_end|>")["input_ids"]) for t in
+                 ("There are 3 red shapes. \\boxed{3}", "\\boxed{4}", "x = 5 + 2 = 7. \\boxed{7}")]
+
+    local = Attacker(load_policy(tiny_policy_dir), processor, cfg.adversary, cfg.data.format_prompt, seed=cfg.run.seed)
+    expected = local.attack(prompt, responses)
+
+    actor = create_adversary_actor(str(tiny_policy_dir), cfg)
+    got = ray.get(actor.attack.remote(prompt, responses))
+    assert np.array_equal(got.image, expected.image)
+    assert got.metrics["tsec/after"] == expected.metrics["tsec/after"]
+
+    # new weights change the attack exactly as they change the local copy
+    state = {k: v + 0.01 * torch.randn_like(v) for k, v in load_policy(tiny_policy_dir).state_dict().items()}
+    local.load_weights(state)
+    ray.get(actor.load_weights.remote(ray.put(state)))
+    after_local = local.attack(prompt, responses)
+    after_actor = ray.get(actor.attack.remote(prompt, responses))
+    assert np.array_equal(after_actor.image, after_local.image)
+    assert after_actor.metrics["tsec/before"] != expected.metrics["tsec/before"]
+    ray.kill(actor)
