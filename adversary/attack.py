@@ -21,7 +21,7 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 from adversary.egas import annealed_noise_step, noise_perturb, pgd_attack
-from adversary.pixels import image_to_model_inputs, to_float_image
+from adversary.pixels import image_to_model_inputs
 from adversary.tsec import selective_entropy, token_entropy
 from core.batch import Prompt
 from core.config import AdversaryConfig
@@ -149,15 +149,14 @@ class Attacker:
             return AttackResult(prompt.uid, adv, {**metrics, "time/attack_s": time.perf_counter() - t0})
 
         objective = self.selective_objective(prompt, responses, image)
-        last: dict[str, float] = {}
+        clean_metrics: dict[str, float] = {}
 
         def value(x: torch.Tensor) -> torch.Tensor:
             v, m = objective(x)
-            last.update(m)
+            if not clean_metrics:  # PGD's first evaluation is at the clean image: no extra forward
+                clean_metrics.update(m)
             return v
 
-        with torch.no_grad():
-            _, clean_metrics = objective(to_float_image(image))
         adv, metrics = pgd_attack(value, image, step_size=cfg.step_size, steps=cfg.steps, eps=cfg.eps,
                                   device=self.device)
         metrics = {
