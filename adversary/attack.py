@@ -40,16 +40,19 @@ class AttackResult:
     """tsec/before, tsec/after, entropy/clean, egas/* or noise/*, time/attack_s."""
 
 
-def _vision_features(model, pixel_values: torch.Tensor, grid_thw: torch.Tensor) -> torch.Tensor:
-    """Merged image features [tokens, D] of one image (transformers 5.x returns an output object)."""
+def _vision_features(model, pixel_values: torch.Tensor, grid_thw: torch.Tensor) -> list[torch.Tensor]:
+    """Merged features [tokens_k, D] of each image, from one vision-tower forward over all of them."""
     out = model.model.visual(pixel_values.to(model.model.visual.dtype), grid_thw=grid_thw)
-    return out.pooler_output if hasattr(out, "pooler_output") else out
+    feats = out.pooler_output if hasattr(out, "pooler_output") else out  # transformers 5.x: an output object
+    if isinstance(feats, (tuple, list)):
+        feats = torch.cat(list(feats))
+    merge = model.model.visual.spatial_merge_size ** 2
+    return list(torch.split(feats, (grid_thw.prod(-1) // merge).tolist()))
 
 
-def _rope_index(model, inputs: dict[str, torch.Tensor], grid_thw: torch.Tensor) -> torch.Tensor:
-    """mrope position ids [3, n, L] for n rows that share one image."""
-    n = inputs["input_ids"].shape[0]
-    kwargs = dict(image_grid_thw=grid_thw.repeat(n, 1), attention_mask=inputs["attention_mask"])
+def _rope_index(model, inputs: dict[str, torch.Tensor], row_grids: torch.Tensor) -> torch.Tensor:
+    """mrope position ids [3, R, L] for R rows, row r holding the image of grid row_grids[r]."""
+    kwargs = dict(image_grid_thw=row_grids, attention_mask=inputs["attention_mask"])
     if "mm_token_type_ids" in inspect.signature(model.model.get_rope_index).parameters:
         kwargs["mm_token_type_ids"] = inputs["mm_token_type_ids"]
     return model.model.get_rope_index(inputs["input_ids"], **kwargs)[0]
@@ -68,25 +71,47 @@ def _head_entropy(head: torch.nn.Module, hidden: torch.Tensor, chunk: int) -> to
 
 
 def response_entropy(model, inputs: dict[str, torch.Tensor], response_mask: torch.Tensor,
-                     pixel_values: torch.Tensor, grid_thw: torch.Tensor,
-                     chunk_tokens: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-token policy entropy of n responses to one image, with the vision tower run once.
+                     pixel_values: torch.Tensor, grid_thw: torch.Tensor, head_chunk: int = 1024,
+                     rows_per_image: list[int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token policy entropy of R responses to K images, with the vision tower run once per image.
 
-    inputs: input_ids, attention_mask, mm_token_type_ids [n, L] int64 (core.policy.
-    encode_responses_of_prompt); response_mask [n, L] bool; pixel_values [patches, D] float (may
-    require grad); grid_thw [1, 3] int64. Returns (entropy [n, L-1] float32, mask [n, L-1] bool): the
-    entropy of the distribution that predicts each response token, zero elsewhere.
+    inputs: input_ids, attention_mask, mm_token_type_ids [R, L] int64 (rows of
+    core.policy.encode_responses_of_prompt, image k's rows consecutive); response_mask [R, L] bool;
+    pixel_values [patches, D] float of the K images (may require grad); grid_thw [K, 3] int64;
+    rows_per_image: how many rows each image has (default: all R rows share one image). Returns
+    (entropy [R, L-1] float32, mask [R, L-1] bool): the entropy of the distribution that predicts each
+    response token, zero elsewhere.
     """
     ids = inputs["input_ids"]
+    rows_per_image = rows_per_image or [ids.shape[0]]
     embeds = model.get_input_embeddings()(ids)
-    image = _vision_features(model, pixel_values, grid_thw).to(embeds.dtype)  # [tokens, D]
+    feats = _vision_features(model, pixel_values, grid_thw)
+    # each image's features once per row of its prompt: the gradients of all its rows add up on it
+    image = torch.cat([f.repeat(n, 1) for f, n in zip(feats, rows_per_image)]).to(embeds.dtype)
     image_slots = (ids == model.config.image_token_id).unsqueeze(-1).expand_as(embeds)
-    embeds = embeds.masked_scatter(image_slots, image.repeat(ids.shape[0], 1))
+    embeds = embeds.masked_scatter(image_slots, image)
+    row_grids = torch.repeat_interleave(grid_thw, torch.tensor(rows_per_image, device=grid_thw.device), dim=0)
     hidden = model.model.language_model(inputs_embeds=embeds, attention_mask=inputs["attention_mask"],
-                                        position_ids=_rope_index(model, inputs, grid_thw)).last_hidden_state
+                                        position_ids=_rope_index(model, inputs, row_grids)).last_hidden_state
     mask = response_mask[:, 1:]
-    ent = _head_entropy(model.lm_head, hidden[:, :-1][mask], chunk_tokens)
+    ent = _head_entropy(model.lm_head, hidden[:, :-1][mask], head_chunk)
     return torch.zeros(mask.shape, dtype=torch.float32, device=ent.device).masked_scatter(mask, ent), mask
+
+
+def _pack(images: list[np.ndarray]) -> tuple[np.ndarray, list[tuple[int, int, int]]]:
+    """Stack [H_k, W_k, 3] uint8 images on one tall canvas [sum H, max W, 3]; returns it and (row, H, W).
+
+    PGD is elementwise, so one run on the canvas is K independent runs: padding gets a zero gradient
+    and never moves, and each image's gradient comes only from its own prompt's term.
+    """
+    width = max(im.shape[1] for im in images)
+    canvas = np.zeros((sum(im.shape[0] for im in images), width, 3), dtype=np.uint8)
+    places, row = [], 0
+    for im in images:
+        canvas[row:row + im.shape[0], :im.shape[1]] = im
+        places.append((row, im.shape[0], im.shape[1]))
+        row += im.shape[0]
+    return canvas, places
 
 
 class Attacker:
@@ -109,66 +134,112 @@ class Attacker:
         """Take the learner's new weights (full state dict, Hugging Face names); strict."""
         self.policy.load_state_dict({k: v.to(self.device) for k, v in named_tensors.items()}, strict=True)
 
-    def selective_objective(self, prompt: Prompt, responses: list[torch.Tensor], image_u8: np.ndarray):
-        """The callable PGD ascends: x [3, H, W] float in [0, 1] -> (selective entropy, metrics)."""
-        text = chat_prompt(self.processor, prompt.problem, self.format_prompt)
-        inputs, response_mask = encode_responses_of_prompt(self.processor, text, image_u8, responses)
-        inputs = {k: v.to(self.device) for k, v in inputs.items()}
-        response_mask = response_mask.to(self.device)
-        tsec = self.config.tsec
-        seed = self.seed + zlib.crc32(prompt.uid.encode())
+    def selective_objective(self, items: list[tuple[Prompt, list[torch.Tensor]]],
+                            places: list[tuple[int, int, int]]):
+        """The callable PGD ascends on the packed canvas, and the per-prompt record of its evaluations.
 
-        def objective(x: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
-            pixel_values, grid = image_to_model_inputs(x.to(self.device), self.processor)
-            ent, mask = response_entropy(self.policy, inputs, response_mask, pixel_values, grid,
-                                         self.config.chunk_tokens)
-            # the same generator state for every evaluation: `random` mode compares like with like
-            gen = torch.Generator(device="cpu").manual_seed(seed)
-            return selective_entropy(ent.cpu() if ent.device.type != "cpu" else ent, mask.cpu(),
-                                     low=tsec.band[0], high=tsec.band[1], scope=tsec.scope, mode=tsec.mode,
-                                     generator=gen)
-
-        return objective
-
-    def attack(self, prompt: Prompt, responses: list[torch.Tensor], image_u8: np.ndarray | None = None,
-               progress: float = 0.0) -> AttackResult:
-        """I_adv for one prompt from its clean responses ([T_i] int64 token ids each).
-
-        kind `pgd`: EgAS on the selective entropy; `noise`: NoisyRollout's Gaussian baseline at the
-        step annealed by `progress` in [0, 1]; `none`: the clean image.
+        objective(x [3, sum H, max W] float in [0, 1]) -> sum over prompts of each prompt's selective
+        entropy; one vision forward over all images and one language-model forward over all rows.
+        `history` gets one list of (value, metrics) per prompt per evaluation.
         """
-        t0 = time.perf_counter()
-        image = prompt.image if image_u8 is None else image_u8
-        cfg = self.config
-        if cfg.kind == "none" or (cfg.kind == "pgd" and not responses):
-            return AttackResult(prompt.uid, image.copy(), {"time/attack_s": time.perf_counter() - t0})
-        if cfg.kind == "noise":
-            t = annealed_noise_step(progress, cfg.noise_t_start, cfg.noise_t_end)
-            gen = torch.Generator().manual_seed(self.seed + zlib.crc32(prompt.uid.encode()))
-            adv, metrics = noise_perturb(image, t, generator=gen)
-            return AttackResult(prompt.uid, adv, {**metrics, "time/attack_s": time.perf_counter() - t0})
+        rows, n_rows = [], []
+        for prompt, responses in items:
+            text = chat_prompt(self.processor, prompt.problem, self.format_prompt)
+            inputs, rmask = encode_responses_of_prompt(self.processor, text, prompt.image, responses)
+            rows.append((inputs, rmask))
+            n_rows.append(len(responses))
+        length = max(r[0]["input_ids"].shape[1] for r in rows)
+        pad = self.processor.tokenizer.pad_token_id
 
-        objective = self.selective_objective(prompt, responses, image)
-        clean_metrics: dict[str, float] = {}
+        def right_pad(t: torch.Tensor, value) -> torch.Tensor:
+            return torch.nn.functional.pad(t, (0, length - t.shape[1]), value=value)
 
-        def value(x: torch.Tensor) -> torch.Tensor:
-            v, m = objective(x)
-            if not clean_metrics:  # PGD's first evaluation is at the clean image: no extra forward
-                clean_metrics.update(m)
-            return v
+        inputs = {k: torch.cat([right_pad(r[0][k], pad if k == "input_ids" else 0) for r in rows]).to(self.device)
+                  for k in ("input_ids", "attention_mask", "mm_token_type_ids")}
+        response_mask = torch.cat([right_pad(r[1], False) for r in rows]).to(self.device)
+        tsec = self.config.tsec
+        seeds = [self.seed + zlib.crc32(p.uid.encode()) for p, _ in items]
+        history: list[list[tuple[float, dict[str, float]]]] = []
 
-        adv, metrics = pgd_attack(value, image, step_size=cfg.step_size, steps=cfg.steps, eps=cfg.eps,
-                                  device=self.device)
-        metrics = {
-            **metrics,
-            "tsec/before": metrics["egas/objective_before"],
-            "tsec/after": metrics["egas/objective_after"],
-            "tsec/tokens_kept": clean_metrics["tsec/tokens_kept"],
-            "entropy/clean": clean_metrics["tsec/mean_all"],
-            "time/attack_s": time.perf_counter() - t0,
-        }
-        return AttackResult(prompt.uid, adv, metrics)
+        def objective(x: torch.Tensor) -> torch.Tensor:
+            images = [x[:, r:r + h, :w] for r, h, w in places]
+            pixel_values, grid = image_to_model_inputs([im.to(self.device) for im in images], self.processor)
+            ent, mask = response_entropy(self.policy, inputs, response_mask, pixel_values, grid,
+                                         rows_per_image=n_rows)
+            ent, mask = ent.cpu(), mask.cpu()
+            total, record, start = 0.0, [], 0
+            for n, seed in zip(n_rows, seeds):
+                # the same generator state for every evaluation: `random` mode compares like with like
+                gen = torch.Generator(device="cpu").manual_seed(seed)
+                value, metrics = selective_entropy(ent[start:start + n], mask[start:start + n], low=tsec.band[0],
+                                                   high=tsec.band[1], scope=tsec.scope, mode=tsec.mode,
+                                                   generator=gen)
+                total = total + value
+                record.append((float(value.detach()), metrics))
+                start += n
+            history.append(record)
+            return total
+
+        return objective, history
+
+    def attack(self, prompt: Prompt, responses: list[torch.Tensor], progress: float = 0.0) -> AttackResult:
+        """I_adv for one prompt from its clean responses ([T_i] int64 token ids each)."""
+        return self.attack_many([(prompt, responses)], progress)[0]
 
     def attack_many(self, items: list[tuple[Prompt, list[torch.Tensor]]], progress: float = 0.0) -> list[AttackResult]:
-        """Attack several prompts, one after another (each holds its own n1-row batch in memory)."""
-        return [self.attack(p, r, progress=progress) for p, r in items]
+        """I_adv for several prompts, batched into forwards of at most `chunk_tokens` response tokens.
+
+        kind `pgd`: EgAS on the selective entropy; `noise`: NoisyRollout's Gaussian baseline at the
+        step annealed by `progress` in [0, 1]; `none`: the clean images. Results keep the input order.
+        """
+        cfg = self.config
+        results: dict[int, AttackResult] = {}
+        todo = []
+        for i, (prompt, responses) in enumerate(items):
+            t0 = time.perf_counter()
+            if cfg.kind == "none" or (cfg.kind == "pgd" and not responses):
+                results[i] = AttackResult(prompt.uid, prompt.image.copy(), {"time/attack_s": 0.0})
+            elif cfg.kind == "noise":
+                t = annealed_noise_step(progress, cfg.noise_t_start, cfg.noise_t_end)
+                gen = torch.Generator().manual_seed(self.seed + zlib.crc32(prompt.uid.encode()))
+                adv, metrics = noise_perturb(prompt.image, t, generator=gen)
+                results[i] = AttackResult(prompt.uid, adv, {**metrics, "time/attack_s": time.perf_counter() - t0})
+            else:
+                todo.append(i)
+        group: list[int] = []
+        budget = 0
+        for i in todo + [None]:
+            tokens = 0 if i is None else sum(len(r) for r in items[i][1])
+            if group and (i is None or budget + tokens > cfg.chunk_tokens):
+                results.update(self._pgd_group([items[j] for j in group], group))
+                group, budget = [], 0
+            if i is not None:
+                group.append(i)
+                budget += tokens
+        return [results[i] for i in range(len(items))]
+
+    def _pgd_group(self, items: list[tuple[Prompt, list[torch.Tensor]]], index: list[int]) -> dict[int, AttackResult]:
+        t0 = time.perf_counter()
+        cfg = self.config
+        canvas, places = _pack([p.image for p, _ in items])
+        objective, history = self.selective_objective(items, places)
+        adv, metrics = pgd_attack(objective, canvas, step_size=cfg.step_size, steps=cfg.steps, eps=cfg.eps,
+                                  device=self.device)
+        seconds = (time.perf_counter() - t0) / len(items)
+        out = {}
+        for k, ((prompt, _), (r, h, w)) in enumerate(zip(items, places)):
+            image = adv[r:r + h, :w].copy()
+            diff = np.abs(image.astype(np.int16) - prompt.image.astype(np.int16))
+            (before, clean), (after, _) = history[0][k], history[-1][k]
+            out[index[k]] = AttackResult(prompt.uid, image, {
+                "tsec/before": before,
+                "tsec/after": after,
+                "tsec/tokens_kept": clean["tsec/tokens_kept"],
+                "entropy/clean": clean["tsec/mean_all"],
+                "egas/linf": float(diff.max()) / 255.0,
+                "egas/changed_frac": float((diff > 0).mean()),
+                "egas/steps": metrics["egas/steps"],
+                "egas/batch_prompts": float(len(items)),
+                "time/attack_s": seconds,
+            })
+        return out

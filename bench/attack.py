@@ -99,6 +99,7 @@ def main() -> None:
     ap.add_argument("--image-size", type=int, default=112)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--prompts", type=int, default=4, help="prompts in the batched-attack comparison")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -140,7 +141,19 @@ def main() -> None:
         loss.backward()
         learner.zero_grad(set_to_none=True)
 
+    many = [(Prompt(uid=f"bench:{k}", problem=prompt.problem, answer="0", image=np.roll(image, k, axis=0)), responses)
+            for k in range(args.prompts)]
+
+    def batched():
+        attacker.attack_many(many)
+
+    def one_by_one():
+        for p, r in many:
+            attacker.attack(p, r)
+
     t_shared = timed(shared, args.repeats, args.device)
+    t_batched = timed(batched, args.repeats, args.device)
+    t_serial = timed(one_by_one, args.repeats, args.device)
     t_naive = timed(naive, args.repeats, args.device)
     t_learn = timed(learn, args.repeats, args.device)
     n_params = sum(p.numel() for p in model.parameters())
@@ -149,7 +162,10 @@ def main() -> None:
     print(f"attack (shared vision):     {t_shared * 1e3:9.1f} ms")
     print(f"attack (naive, n1 visions): {t_naive * 1e3:9.1f} ms")
     print(f"learner forward+backward:   {t_learn * 1e3:9.1f} ms")
+    print(f"{args.prompts} prompts batched:          {t_batched * 1e3:9.1f} ms")
+    print(f"{args.prompts} prompts one at a time:    {t_serial * 1e3:9.1f} ms")
     print(f"attack_vs_learner_ratio={t_shared / t_learn:.3f}")
+    print(f"batched_vs_serial_ratio={t_batched / t_serial:.3f}")
     print(f"shared_vs_naive_ratio={t_shared / t_naive:.3f}")
 
 

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from adversary.attack import Attacker, response_entropy
+from adversary.attack import Attacker, _pack, response_entropy
 from adversary.pixels import image_to_model_inputs, to_float_image
 from adversary.tsec import token_entropy
 from core import synthetic
@@ -57,7 +57,7 @@ def test_shared_vision_entropy_equals_plain_forward(policy):
     pv, grid = image_to_model_inputs(to_float_image(prompt.image), processor)
     plain_inputs, plain_mask = encode_prompt_response(processor, [text] * 4, [prompt.image] * 4, responses)
     with torch.no_grad():
-        ent, mask = response_entropy(model, inputs, rmask, pv, grid, chunk_tokens=5)
+        ent, mask = response_entropy(model, inputs, rmask, pv, grid, head_chunk=5)
         ref = token_entropy(model(**plain_inputs).logits[:, :-1]) * plain_mask[:, 1:]
     assert torch.equal(mask, plain_mask[:, 1:])
     torch.testing.assert_close(ent, ref, atol=1e-5, rtol=1e-5)
@@ -65,19 +65,46 @@ def test_shared_vision_entropy_equals_plain_forward(policy):
 
 def test_vision_tower_runs_once_per_evaluation(policy):
     model, processor = policy
-    prompt = _prompt(1)
     calls = []
     handle = model.model.visual.register_forward_hook(lambda *a: calls.append(1))
     try:
-        for n in (1, 6):
-            responses = _sample(model, processor, prompt, n, seed=n)  # generate runs the tower too
+        for n_prompts, n in ((1, 1), (1, 6), (3, 4)):
+            prompts = [_prompt(10 + k) for k in range(n_prompts)]
+            items = [(p, _sample(model, processor, p, n, seed=n)) for p in prompts]  # generate runs it too
+            canvas, places = _pack([p.image for p in prompts])
             calls.clear()
-            objective = Attacker(model, processor, AdversaryConfig(), FORMAT).selective_objective(
-                prompt, responses, prompt.image)
-            objective(to_float_image(prompt.image))
-            assert len(calls) == 1, (n, len(calls))
+            objective, history = Attacker(model, processor, AdversaryConfig(), FORMAT).selective_objective(
+                items, places)
+            objective(to_float_image(canvas))
+            assert len(calls) == 1, (n_prompts, n, len(calls))
+            assert len(history) == 1 and len(history[0]) == n_prompts
     finally:
         handle.remove()
+
+
+def test_batched_attack_equals_one_prompt_at_a_time(policy):
+    model, processor = policy
+    prompts = [_prompt(20 + k) for k in range(3)]
+    items = [(p, _sample(model, processor, p, 3 + k, seed=k)) for k, p in enumerate(prompts)]
+    attacker = Attacker(model, processor, AdversaryConfig(), FORMAT)
+    batched = attacker.attack_many(items)
+    assert [r.prompt_uid for r in batched] == [p.uid for p in prompts]
+    assert all(r.metrics["egas/batch_prompts"] == 3 for r in batched)
+    for (prompt, responses), b in zip(items, batched):
+        single = attacker.attack(prompt, responses)
+        assert single.metrics["tsec/before"] == pytest.approx(b.metrics["tsec/before"], rel=1e-4)
+        # another batch shape rounds differently; a gradient sign may flip only where it is ~0
+        assert (single.image == b.image).mean() > 0.99
+        assert b.image.shape == prompt.image.shape
+
+
+def test_chunk_tokens_splits_the_batch(policy):
+    model, processor = policy
+    items = [(p, _sample(model, processor, p, 2, seed=1)) for p in (_prompt(30), _prompt(31), _prompt(32))]
+    one = max(sum(len(r) for r in rs) for _, rs in items)
+    results = Attacker(model, processor, AdversaryConfig(chunk_tokens=one), FORMAT).attack_many(items)
+    assert [r.metrics["egas/batch_prompts"] for r in results] == [1.0, 1.0, 1.0]
+    assert all(r.metrics["tsec/after"] != r.metrics["tsec/before"] for r in results)
 
 
 def test_attack_raises_selective_entropy_in_most_seeded_trials(policy):
