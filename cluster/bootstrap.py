@@ -3,8 +3,9 @@
 `python -m cluster.bootstrap [--config configs/default.yaml] [key=value ...]` renders the synthetic
 data and builds the tiny policy when they are missing, trains it on the worked solutions of the train
 split (cross-entropy on response tokens only), measures greedy accuracy on the test split, and writes
-the policy to `model.path` (with `bootstrap.json` holding the figures). `make train` and
-`cluster.train` call `ensure_policy`, which does all of this only when `model.path` is missing.
+the policy to `model.path` (with `bootstrap.json` holding the figures); when `model.path` already
+holds a policy it says so and returns (`--force` rebuilds). `make train` runs this command; the RL
+job (`cluster.train`) is to call `ensure_policy`, which does the same only when the policy is missing.
 
 The target is a middling policy (roughly 20-60% greedy accuracy): one that solves nothing gives GRPO
 no reward signal, one that solves everything gives no advantage spread.
