@@ -25,36 +25,19 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
+from core.policy import image_size_limits
+
 try:  # the PIL image-processor module imports without torchvision (see STACK-NOTES.md)
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
 except ImportError:  # pragma: no cover - older transformers layout
     from transformers.models.qwen2_vl.image_processing_qwen2_vl import smart_resize
 
-__all__ = ["image_to_model_inputs", "processor_size_limits", "to_float_image", "to_uint8_image"]
+__all__ = ["image_to_model_inputs", "to_float_image", "to_uint8_image"]
 
 
 def _image_processor(processor):
     """The image processor of a full processor, or the argument itself if it is one."""
     return getattr(processor, "image_processor", processor)
-
-
-def _size_entry(size, key: str):
-    if size is None:
-        return None
-    if isinstance(size, dict):
-        return size.get(key)
-    return getattr(size, key, None)
-
-
-def processor_size_limits(processor) -> tuple[int, int, int]:
-    """(min_pixels, max_pixels, factor) the processor's `smart_resize` uses."""
-    ip = _image_processor(processor)
-    size = getattr(ip, "size", None)
-    min_pixels = _size_entry(size, "shortest_edge") or getattr(ip, "min_pixels", None)
-    max_pixels = _size_entry(size, "longest_edge") or getattr(ip, "max_pixels", None)
-    if not min_pixels or not max_pixels:
-        raise ValueError(f"image processor {type(ip).__name__} has no min/max pixels (size={size!r})")
-    return int(min_pixels), int(max_pixels), int(ip.patch_size) * int(ip.merge_size)
 
 
 def _per_channel(value, channels: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -67,7 +50,7 @@ def _per_channel(value, channels: int, dtype: torch.dtype, device: torch.device)
 
 
 def _check_size(height: int, width: int, processor) -> None:
-    min_pixels, max_pixels, factor = processor_size_limits(processor)
+    min_pixels, max_pixels, factor = image_size_limits(processor)
     try:
         target = smart_resize(height, width, factor=factor, min_pixels=min_pixels, max_pixels=max_pixels)
     except ValueError as e:

@@ -36,6 +36,7 @@ from core.policy import (
     chat_prompt,
     encode_prompt_response,
     encode_prompts,
+    image_size_limits,
     load_policy,
     load_processor,
     vision_special_ids,
@@ -119,17 +120,11 @@ def ensure_data(cfg: Config) -> None:
     tmp.rename(train.parent)
 
 
-def image_limits(processor) -> tuple[int, int]:
-    """(min_pixels, max_pixels) of a Qwen2-VL image processor."""
-    size = processor.image_processor.size
-    return int(size["shortest_edge"]), int(size["longest_edge"])
-
-
 def _load(cfg: Config, processor, files: list[str], limit: int | None):
-    min_px, max_px = image_limits(processor)
+    min_px, max_px, factor = image_size_limits(processor)
     if cfg.data.max_pixels is not None:
         max_px = min(max_px, cfg.data.max_pixels)
-    prompts, report = load_prompts(files, min_pixels=min_px, max_pixels=max_px, strict=cfg.data.strict,
+    prompts, report = load_prompts(files, min_pixels=min_px, max_pixels=max_px, factor=factor, strict=cfg.data.strict,
                                    limit=limit, image_root=cfg.data.image_root, prompt_key=cfg.data.prompt_key,
                                    answer_key=cfg.data.answer_key, image_key=cfg.data.image_key)
     if report.skipped:

@@ -275,6 +275,34 @@ def vision_special_ids(config) -> list[int]:
     return sorted({int(i) for i in ids if i is not None})
 
 
+def _image_processor(processor):
+    """The image processor of a full processor, or the argument itself if it is one."""
+    return getattr(processor, "image_processor", processor)
+
+
+def _size_entry(size, key: str):
+    if size is None:
+        return None
+    if isinstance(size, dict):
+        return size.get(key)
+    return getattr(size, key, None)
+
+
+def image_size_limits(processor) -> tuple[int, int, int]:
+    """(min_pixels, max_pixels, factor) the processor's `smart_resize` uses; data is fitted to them.
+
+    `processor` is a full processor or its image processor; both the `size` dict of transformers 5
+    and the older `min_pixels` / `max_pixels` attributes are read.
+    """
+    ip = _image_processor(processor)
+    size = getattr(ip, "size", None)
+    min_pixels = _size_entry(size, "shortest_edge") or getattr(ip, "min_pixels", None)
+    max_pixels = _size_entry(size, "longest_edge") or getattr(ip, "max_pixels", None)
+    if not min_pixels or not max_pixels:
+        raise ValueError(f"image processor {type(ip).__name__} has no min/max pixels (size={size!r})")
+    return int(min_pixels), int(max_pixels), int(ip.patch_size) * int(ip.merge_size)
+
+
 def chat_prompt(processor, problem: str, format_prompt: str = "") -> str:
     """Chat-templated prompt text with one image where `<image>` stood (first, when it is absent).
 

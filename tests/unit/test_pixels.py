@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from adversary.pixels import image_to_model_inputs, processor_size_limits, to_float_image, to_uint8_image
+from adversary.pixels import image_to_model_inputs, to_float_image, to_uint8_image
+from core.policy import image_size_limits
 
 SIZES = [(56, 56), (112, 112), (84, 140), (224, 56), (56, 224), (168, 224)]
 
@@ -122,7 +123,7 @@ def test_invalid_size_raises(processor, size):
 
 
 def test_invalid_size_names_target(processor):
-    min_pixels, max_pixels, factor = processor_size_limits(processor)
+    min_pixels, max_pixels, factor = image_size_limits(processor)
     assert factor == 28 and max_pixels == 224 * 224 and min_pixels == 56 * 56
     with pytest.raises(ValueError, match="57x57.*56x56"):
         image_to_model_inputs(torch.rand(3, 57, 57), processor)
