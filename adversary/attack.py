@@ -11,7 +11,6 @@ never held for a 150k vocabulary.
 
 from __future__ import annotations
 
-import inspect
 import time
 import zlib
 from dataclasses import dataclass, field
@@ -25,7 +24,7 @@ from adversary.pixels import image_to_model_inputs
 from adversary.tsec import selective_entropy, token_entropy
 from core.batch import Prompt
 from core.config import AdversaryConfig
-from core.policy import chat_prompt, encode_responses_of_prompt
+from core.policy import chat_prompt, encode_groups, policy_hidden
 
 
 @dataclass
@@ -38,24 +37,6 @@ class AttackResult:
     """I_adv (the clean image itself for kind `none`)."""
     metrics: dict[str, float] = field(default_factory=dict)
     """tsec/before, tsec/after, entropy/clean, egas/* or noise/*, time/attack_s."""
-
-
-def _vision_features(model, pixel_values: torch.Tensor, grid_thw: torch.Tensor) -> list[torch.Tensor]:
-    """Merged features [tokens_k, D] of each image, from one vision-tower forward over all of them."""
-    out = model.model.visual(pixel_values.to(model.model.visual.dtype), grid_thw=grid_thw)
-    feats = out.pooler_output if hasattr(out, "pooler_output") else out  # transformers 5.x: an output object
-    if isinstance(feats, (tuple, list)):
-        feats = torch.cat(list(feats))
-    merge = model.model.visual.spatial_merge_size ** 2
-    return list(torch.split(feats, (grid_thw.prod(-1) // merge).tolist()))
-
-
-def _rope_index(model, inputs: dict[str, torch.Tensor], row_grids: torch.Tensor) -> torch.Tensor:
-    """mrope position ids [3, R, L] for R rows, row r holding the image of grid row_grids[r]."""
-    kwargs = dict(image_grid_thw=row_grids, attention_mask=inputs["attention_mask"])
-    if "mm_token_type_ids" in inspect.signature(model.model.get_rope_index).parameters:
-        kwargs["mm_token_type_ids"] = inputs["mm_token_type_ids"]
-    return model.model.get_rope_index(inputs["input_ids"], **kwargs)[0]
 
 
 def _head_entropy(head: torch.nn.Module, hidden: torch.Tensor, chunk: int) -> torch.Tensor:
@@ -76,23 +57,13 @@ def response_entropy(model, inputs: dict[str, torch.Tensor], response_mask: torc
     """Per-token policy entropy of R responses to K images, with the vision tower run once per image.
 
     inputs: input_ids, attention_mask, mm_token_type_ids [R, L] int64 (rows of
-    core.policy.encode_responses_of_prompt, image k's rows consecutive); response_mask [R, L] bool;
+    core.policy.encode_groups, image k's rows consecutive); response_mask [R, L] bool;
     pixel_values [patches, D] float of the K images (may require grad); grid_thw [K, 3] int64;
     rows_per_image: how many rows each image has (default: all R rows share one image). Returns
     (entropy [R, L-1] float32, mask [R, L-1] bool): the entropy of the distribution that predicts each
     response token, zero elsewhere.
     """
-    ids = inputs["input_ids"]
-    rows_per_image = rows_per_image or [ids.shape[0]]
-    embeds = model.get_input_embeddings()(ids)
-    feats = _vision_features(model, pixel_values, grid_thw)
-    # each image's features once per row of its prompt: the gradients of all its rows add up on it
-    image = torch.cat([f.repeat(n, 1) for f, n in zip(feats, rows_per_image)]).to(embeds.dtype)
-    image_slots = (ids == model.config.image_token_id).unsqueeze(-1).expand_as(embeds)
-    embeds = embeds.masked_scatter(image_slots, image)
-    row_grids = torch.repeat_interleave(grid_thw, torch.tensor(rows_per_image, device=grid_thw.device), dim=0)
-    hidden = model.model.language_model(inputs_embeds=embeds, attention_mask=inputs["attention_mask"],
-                                        position_ids=_rope_index(model, inputs, row_grids)).last_hidden_state
+    hidden = policy_hidden(model, inputs, pixel_values, grid_thw, rows_per_image)
     mask = response_mask[:, 1:]
     ent = _head_entropy(model.lm_head, hidden[:, :-1][mask], head_chunk)
     return torch.zeros(mask.shape, dtype=torch.float32, device=ent.device).masked_scatter(mask, ent), mask
@@ -142,21 +113,11 @@ class Attacker:
         entropy; one vision forward over all images and one language-model forward over all rows.
         `history` gets one list of (value, metrics) per prompt per evaluation.
         """
-        rows, n_rows = [], []
-        for prompt, responses in items:
-            text = chat_prompt(self.processor, prompt.problem, self.format_prompt)
-            inputs, rmask = encode_responses_of_prompt(self.processor, text, prompt.image, responses)
-            rows.append((inputs, rmask))
-            n_rows.append(len(responses))
-        length = max(r[0]["input_ids"].shape[1] for r in rows)
-        pad = self.processor.tokenizer.pad_token_id
-
-        def right_pad(t: torch.Tensor, value) -> torch.Tensor:
-            return torch.nn.functional.pad(t, (0, length - t.shape[1]), value=value)
-
-        inputs = {k: torch.cat([right_pad(r[0][k], pad if k == "input_ids" else 0) for r in rows]).to(self.device)
-                  for k in ("input_ids", "attention_mask", "mm_token_type_ids")}
-        response_mask = torch.cat([right_pad(r[1], False) for r in rows]).to(self.device)
+        groups = [(chat_prompt(self.processor, p.problem, self.format_prompt), p.image, responses)
+                  for p, responses in items]
+        encoded, response_mask, n_rows = encode_groups(self.processor, groups)
+        inputs = {k: encoded[k].to(self.device) for k in ("input_ids", "attention_mask", "mm_token_type_ids")}
+        response_mask = response_mask.to(self.device)
         tsec = self.config.tsec
         seeds = [self.seed + zlib.crc32(p.uid.encode()) for p, _ in items]
         history: list[list[tuple[float, dict[str, float]]]] = []

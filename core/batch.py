@@ -87,3 +87,52 @@ class Group:
     @property
     def rewards(self) -> torch.Tensor:  # [n_clean + n_adv] float32
         return torch.tensor([s.reward for s in self.samples], dtype=torch.float32)
+
+
+@dataclass
+class TrainBatch:
+    """The learner's input for one step: responses to prompt images, with their advantages.
+
+    Responses that share a prompt image share one entry of `problems` / `images`, so the learner
+    runs the vision tower once per image. Built by the cluster from `Group`s; the learner
+    recomputes every log-prob itself (engine log-probs are carried only to report the mismatch).
+    """
+
+    problems: list[str]
+    """Question text of each context (the learner applies the chat template and format prompt)."""
+    images: list[np.ndarray]  # K x [H, W, 3] uint8
+    """The image of each context: the clean image, or I_adv for adversarial samples (`learn_on`)."""
+    responses: list[torch.Tensor]  # N x [T_i] int64
+    """Sampled response token ids, as the engine returned them."""
+    context: torch.Tensor  # [N] int64, index into problems / images
+    """Which context each response answers; responses of one context need not be adjacent."""
+    advantages: torch.Tensor  # [N] float32
+    """Group-normalised advantage of each response (learner.grpo.group_advantages)."""
+    adversarial: torch.Tensor | None = None  # [N] bool
+    """True for responses sampled on I_adv; splits the entropy metric (None: all clean)."""
+    engine_logprobs: list[torch.Tensor] | None = None  # N x [T_i] float32
+    """The engine's log-probs of the sampled tokens, for the `rollout/logprob_diff` metric only."""
+
+    def __post_init__(self) -> None:
+        n = len(self.responses)
+        if len(self.problems) != len(self.images):
+            raise ValueError(f"TrainBatch: {len(self.problems)} problems but {len(self.images)} images")
+        if self.context.shape != (n,) or self.advantages.shape != (n,):
+            raise ValueError(f"TrainBatch: {n} responses but context {tuple(self.context.shape)} and advantages "
+                             f"{tuple(self.advantages.shape)}")
+        if n and (int(self.context.min()) < 0 or int(self.context.max()) >= len(self.problems)):
+            raise ValueError(f"TrainBatch: context indices must lie in [0, {len(self.problems)})")
+        if any(r.numel() == 0 for r in self.responses):
+            raise ValueError("TrainBatch: empty response (a response holds at least its end-of-turn token)")
+        if self.adversarial is not None and self.adversarial.shape != (n,):
+            raise ValueError(f"TrainBatch: adversarial must be [{n}], got {tuple(self.adversarial.shape)}")
+        if self.engine_logprobs is not None and [t.numel() for t in self.engine_logprobs] != [
+                r.numel() for r in self.responses]:
+            raise ValueError("TrainBatch: engine_logprobs must match the responses' lengths")
+
+    def __len__(self) -> int:
+        return len(self.responses)
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(r.numel() for r in self.responses)

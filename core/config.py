@@ -214,6 +214,12 @@ class LearnerConfig:
     """Learner ranks as Ray actors (0: one worker in the driver process, for debugging)."""
     mixed_precision: str = "auto"
     """FSDP2 parameter dtype: auto (bf16 on CUDA, fp32 on CPU), float32 or bfloat16."""
+    warmup_steps: int = 0
+    """Linear learning-rate warm-up over this many optimizer steps (0: constant lr from the start)."""
+    gradient_checkpointing: bool = False
+    """Recompute decoder-layer and vision-block activations in backward (for memory, at ~30% compute)."""
+    head_chunk: int = 2048
+    """Response tokens per chunk of the language-model head in the loss ([chunk, vocab] logits at a time)."""
 
 
 @dataclass
@@ -480,6 +486,8 @@ def validate(cfg: Config) -> None:
     check(lr.micro_batch_size >= 1, "learner.micro_batch_size", "must be >= 1")
     check(lr.epochs >= 1, "learner.epochs", "must be >= 1")
     check(lr.num_workers >= 0, "learner.num_workers", "must be >= 0")
+    check(lr.warmup_steps >= 0, "learner.warmup_steps", "must be >= 0")
+    check(lr.head_chunk >= 1, "learner.head_chunk", "must be >= 1")
     check(len(lr.betas) == 2 and all(0 <= b < 1 for b in lr.betas), "learner.betas", "must be two numbers in [0, 1)")
     check(0 < lr.kl_cov_frac <= 1, "learner.kl_cov_frac", "must be in (0, 1]")
     check(0 < lr.clip_cov_frac <= 1, "learner.clip_cov_frac", "must be in (0, 1]")

@@ -13,6 +13,7 @@ suppress the vision special tokens (`vision_special_ids`).
 
 from __future__ import annotations
 
+import inspect
 import json
 import logging
 import os
@@ -387,3 +388,69 @@ def _right_padded(prompts: list[tuple[torch.Tensor, torch.Tensor]], responses: l
         mm_types[i, :n] = typ
         response_mask[i, n - n_resp:n] = True
     return dict(input_ids=input_ids, attention_mask=attention_mask, mm_token_type_ids=mm_types), response_mask
+
+
+def encode_groups(processor, groups: list[tuple[str, object, list]]):
+    """Teacher-forcing rows for several (prompt text, image, responses) groups, each image processed once.
+
+    Returns (inputs, response_mask, rows_per_image): input_ids, attention_mask, mm_token_type_ids
+    ([R, L] int64, right-padded, the rows of group k consecutive), pixel_values ([patches, D] float32,
+    one copy per group) and image_grid_thw ([K, 3] int64, one row per group); response_mask [R, L]
+    bool; rows_per_image: the number of rows of each group. Feed it through `policy_hidden`.
+    """
+    encoded = [encode_responses_of_prompt(processor, text, image, responses) for text, image, responses in groups]
+    length = max(inputs["input_ids"].shape[1] for inputs, _ in encoded)
+    pad = processor.tokenizer.pad_token_id
+
+    def right_pad(t: torch.Tensor, value) -> torch.Tensor:
+        return torch.nn.functional.pad(t, (0, length - t.shape[1]), value=value)
+
+    inputs = {k: torch.cat([right_pad(e[0][k], pad if k == "input_ids" else 0) for e in encoded])
+              for k in ("input_ids", "attention_mask", "mm_token_type_ids")}
+    inputs["pixel_values"] = torch.cat([e[0]["pixel_values"] for e in encoded])
+    inputs["image_grid_thw"] = torch.cat([e[0]["image_grid_thw"] for e in encoded])
+    response_mask = torch.cat([right_pad(e[1], False) for e in encoded])
+    return inputs, response_mask, [len(g[2]) for g in groups]
+
+
+def _vision_features(model, pixel_values: torch.Tensor, grid_thw: torch.Tensor) -> list[torch.Tensor]:
+    """Merged features [tokens_k, D] of each image, from one vision-tower forward over all of them."""
+    visual = model.model.visual
+    out = visual(pixel_values.to(visual.dtype), grid_thw=grid_thw)
+    feats = out.pooler_output if hasattr(out, "pooler_output") else out  # transformers 5.x: an output object
+    if isinstance(feats, (tuple, list)):
+        feats = torch.cat(list(feats))
+    merge = visual.spatial_merge_size ** 2
+    return list(torch.split(feats, (grid_thw.prod(-1) // merge).tolist()))
+
+
+def _rope_index(model, inputs: dict[str, torch.Tensor], row_grids: torch.Tensor) -> torch.Tensor:
+    """mrope position ids [3, R, L] for R rows, row r holding the image of grid row_grids[r]."""
+    kwargs = dict(image_grid_thw=row_grids, attention_mask=inputs["attention_mask"])
+    if "mm_token_type_ids" in inspect.signature(model.model.get_rope_index).parameters:
+        kwargs["mm_token_type_ids"] = inputs["mm_token_type_ids"]
+    return model.model.get_rope_index(inputs["input_ids"], **kwargs)[0]
+
+
+def policy_hidden(model, inputs: dict[str, torch.Tensor], pixel_values: torch.Tensor, grid_thw: torch.Tensor,
+                  rows_per_image: list[int] | None = None) -> torch.Tensor:
+    """Last hidden states [R, L, D] of R rows over K images, the vision tower run once per image.
+
+    inputs: input_ids, attention_mask, mm_token_type_ids [R, L] int64 (image k's rows consecutive, as
+    `encode_groups` lays them out); pixel_values [patches, D] float of the K images (may require grad);
+    grid_thw [K, 3] int64; rows_per_image: rows of each image (default: all rows share one image).
+    Each image's features are spliced into all its rows, so their gradients add up on the one image:
+    the same values and gradients as the model's own forward on per-row copies, for 1/n of the
+    vision cost. The language-model head is left to the caller, which runs it on the positions it
+    needs only (a 150k vocabulary makes [R, L, V] logits the largest tensor of a step).
+    """
+    ids = inputs["input_ids"]
+    rows_per_image = rows_per_image or [ids.shape[0]]
+    embeds = model.get_input_embeddings()(ids)
+    feats = _vision_features(model, pixel_values, grid_thw)
+    image = torch.cat([f.repeat(n, 1) for f, n in zip(feats, rows_per_image)]).to(embeds.dtype)
+    image_slots = (ids == model.config.image_token_id).unsqueeze(-1).expand_as(embeds)
+    embeds = embeds.masked_scatter(image_slots, image)
+    row_grids = torch.repeat_interleave(grid_thw, torch.tensor(rows_per_image, device=grid_thw.device), dim=0)
+    return model.model.language_model(inputs_embeds=embeds, attention_mask=inputs["attention_mask"],
+                                      position_ids=_rope_index(model, inputs, row_grids)).last_hidden_state

@@ -1,0 +1,136 @@
+"""The learner group: N `LearnerWorker` ranks as Ray actors in one placement group, or one in-process.
+
+The driver calls typed methods (`update`, `export_weights`, `save`, `load`); each fans out to every
+rank, because each is a collective, and returns rank 0's answer (all ranks reduce their metrics).
+`learner.num_workers = 0` runs a single worker in the calling process: the same code path without
+Ray, for tests and for debugging with breakpoints.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+
+import ray
+import torch
+from ray.util.placement_group import placement_group, remove_placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+from core.batch import TrainBatch
+from core.config import Config
+from learner.worker import LearnerWorker
+
+
+@ray.remote
+class LearnerActor:
+    """Ray shell of one rank: `setup` builds the `LearnerWorker`, the rest forwards to it."""
+
+    def address(self) -> tuple[str, int]:
+        """This node's address and a free port on it (rank 0's are the rendezvous point)."""
+        ip = ray.util.get_node_ip_address()
+        with socket.socket() as s:
+            s.bind((ip, 0))
+            return ip, s.getsockname()[1]
+
+    def setup(self, model_path: str, cfg: Config, rank: int, world_size: int, master_addr: str,
+              master_port: int) -> bool:
+        os.environ.setdefault("OMP_NUM_THREADS", "1")
+        device = "cuda" if cfg.cluster.learner_gpus > 0 and torch.cuda.is_available() else "cpu"
+        self.worker = LearnerWorker(model_path, cfg, rank=rank, world_size=world_size, master_addr=master_addr,
+                                    master_port=master_port, device=device)
+        return True
+
+    def update(self, batch: TrainBatch) -> dict[str, float]:
+        return self.worker.update(batch)
+
+    def export_weights(self) -> dict[str, torch.Tensor]:
+        return self.worker.export_weights()
+
+    def save(self, path: str, client_state: dict | None) -> None:
+        self.worker.save(path, client_state)
+
+    def load(self, path: str) -> dict:
+        return self.worker.load(path)
+
+    def close(self) -> None:
+        self.worker.close()
+
+
+class LearnerGroup:
+    """`learner.num_workers` ranks (0: one in-process worker). Blocking, typed calls."""
+
+    def __init__(self, model_path: str, cfg: Config):
+        self.cfg = cfg
+        n = cfg.learner.num_workers
+        self.local: LearnerWorker | None = None
+        self.actors: list = []
+        self.pg = None
+        if n == 0:
+            device = "cuda" if cfg.cluster.learner_gpus > 0 and torch.cuda.is_available() else "cpu"
+            self.local = LearnerWorker(model_path, cfg, device=device)
+            return
+        bundle = {"CPU": cfg.cluster.learner_cpus}
+        if cfg.cluster.learner_gpus > 0:
+            bundle["GPU"] = cfg.cluster.learner_gpus
+        # PACK keeps ranks on as few nodes as possible: NCCL within a node is the fast path.
+        self.pg = placement_group([dict(bundle) for _ in range(n)], strategy="PACK")
+        ray.get(self.pg.ready(), timeout=600)
+        self.actors = [
+            LearnerActor.options(
+                num_cpus=cfg.cluster.learner_cpus, num_gpus=cfg.cluster.learner_gpus,
+                scheduling_strategy=PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=i),
+                runtime_env={"env_vars": {"OMP_NUM_THREADS": str(max(1, int(cfg.cluster.learner_cpus)))}},
+            ).remote()
+            for i in range(n)
+        ]
+        addr, port = ray.get(self.actors[0].address.remote())
+        ray.get([a.setup.remote(model_path, cfg, i, n, addr, port) for i, a in enumerate(self.actors)])
+
+    @property
+    def num_workers(self) -> int:
+        return len(self.actors) or 1
+
+    def update(self, batch: TrainBatch) -> dict[str, float]:
+        """One GRPO step on every rank; the metrics are already reduced over ranks."""
+        if self.local is not None:
+            return self.local.update(batch)
+        ref = ray.put(batch)  # one copy in the object store, every rank reads it
+        return ray.get([a.update.remote(ref) for a in self.actors])[0]
+
+    def export_weights(self) -> dict[str, torch.Tensor]:
+        """The full state dict (Hugging Face names) for the rollout actors and the adversary."""
+        return ray.get(self.export_weights_ref()) if self.local is None else self.local.export_weights()
+
+    def export_weights_ref(self) -> ray.ObjectRef:
+        """The weights as an object-store reference, to hand to many actors without a driver copy."""
+        if self.local is not None:
+            return ray.put(self.local.export_weights())
+        refs = [a.export_weights.remote() for a in self.actors]
+        ray.wait(refs[1:], num_returns=len(refs) - 1)  # the others return {} once the gather is done
+        return refs[0]
+
+    def save(self, path: str, client_state: dict | None = None) -> None:
+        """Checkpoint every rank to `path` (see LearnerWorker.save)."""
+        if self.local is not None:
+            return self.local.save(path, client_state)
+        ray.get([a.save.remote(path, client_state) for a in self.actors])
+
+    def load(self, path: str) -> dict:
+        """Resume every rank from `path`; returns the client state saved with it."""
+        if self.local is not None:
+            return self.local.load(path)
+        return ray.get([a.load.remote(path) for a in self.actors])[0]
+
+    def shutdown(self) -> None:
+        """Stop the ranks and free their placement group (the in-process worker keeps its group)."""
+        if self.actors:
+            try:
+                ray.get([a.close.remote() for a in self.actors], timeout=60)
+            except Exception:  # a dead rank must not keep the others alive
+                pass
+            for a in self.actors:
+                ray.kill(a)
+            self.actors = []
+        if self.pg is not None:
+            remove_placement_group(self.pg)
+            self.pg = None

@@ -1,0 +1,409 @@
+"""One learner rank: the policy under FSDP2, AdamW, and the GRPO update of one step's batch.
+
+`LearnerWorker` is a plain class (learner/group.py runs one per Ray actor, or one in the driver with
+`num_workers=0`). Every rank receives the whole `TrainBatch` and takes its own contiguous block of
+rows; each rank runs the same number of micro-batches (an empty one becomes a zero-weight forward
+of row 0), because every FSDP2 forward and backward is a collective.
+
+Losses are weighted so that the gradient equals the one of a single process over the whole batch:
+FSDP2 averages gradients over ranks, so micro-batch m on a rank of W gets weight
+`W * tokens_m / tokens_batch` (token-mean) or `W * rows_m / rows_batch` (seq-mean-token-mean).
+kl_cov / clip_cov pick their top / random tokens within a micro-batch, as verl does.
+
+Old log-probs are the learner's own: on-policy (the first epoch) they are the detached log-probs of
+the very forward that carries the gradient, so they cost nothing; the engine's log-probs are only
+compared against them (`rollout/logprob_diff`).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import time
+from datetime import timedelta
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_state_dict,
+    set_state_dict,
+)
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.tensor import DTensor
+from torch.utils.checkpoint import checkpoint
+
+from core.batch import TrainBatch
+from core.config import Config
+from core.policy import chat_prompt, encode_groups, load_policy, load_processor, policy_hidden, resolve_dtype
+from learner.grpo import policy_loss
+
+_PREFIX = "policy."  # the state-dict prefix `_Scorer` adds; exported and saved names have none
+
+
+def _head_logprobs(head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor,
+                   chunk: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """log p(target) [N] float32 (with gradient) and entropy [N] float32 (detached) of head(hidden).
+
+    hidden [N, D], targets [N] int64. Chunks of `chunk` rows, recomputed in backward, so at most one
+    [chunk, V] block of logits is alive at a time instead of [N, V].
+    """
+    def part(h: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        logits = head(h).float()  # [n, V] float32
+        lse = logits.logsumexp(-1)
+        logp = logits.gather(-1, t[:, None]).squeeze(-1) - lse
+        with torch.no_grad():
+            entropy = lse - (logits.softmax(-1) * logits).sum(-1)
+        return logp, entropy
+
+    logps, ents = [], []
+    for i in range(0, hidden.shape[0], chunk):
+        h, t = hidden[i:i + chunk], targets[i:i + chunk]
+        if torch.is_grad_enabled() and h.requires_grad:
+            lp, ent = checkpoint(part, h, t, use_reentrant=False)
+        else:
+            lp, ent = part(h, t)
+        logps.append(lp)
+        ents.append(ent)
+    if not logps:
+        empty = hidden.new_zeros(0, dtype=torch.float32)
+        return empty, empty
+    return torch.cat(logps), torch.cat(ents)
+
+
+class _Scorer(torch.nn.Module):
+    """The root module FSDP2 wraps: the policy, and a forward that scores response tokens only.
+
+    Calling submodules of an FSDP2 model from outside skips the root's all-gather, so the scoring
+    forward (shared vision tower, chunked head) has to be this module's own `forward`.
+    """
+
+    def __init__(self, policy: torch.nn.Module, head_chunk: int):
+        super().__init__()
+        self.policy = policy
+        self.head_chunk = head_chunk
+
+    def forward(self, input_ids: torch.Tensor,  # [R, L] int64, right-padded rows prompt + response
+                attention_mask: torch.Tensor,  # [R, L] int64
+                mm_token_type_ids: torch.Tensor,  # [R, L] int64
+                pixel_values: torch.Tensor,  # [patches, D] float, one copy per image
+                image_grid_thw: torch.Tensor,  # [K, 3] int64
+                response_mask: torch.Tensor,  # [R, L] bool
+                rows_per_image: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(log-probs, entropies) [n_response_tokens] float32, row-major over response_mask[:, 1:]."""
+        inputs = dict(input_ids=input_ids, attention_mask=attention_mask, mm_token_type_ids=mm_token_type_ids)
+        hidden = policy_hidden(self.policy, inputs, pixel_values, image_grid_thw, rows_per_image)
+        mask = response_mask[:, 1:]
+        return _head_logprobs(self.policy.lm_head, hidden[:, :-1][mask], input_ids[:, 1:][mask], self.head_chunk)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _plan(n_rows: int, rank: int, world: int, micro: int) -> list[list[int]]:
+    """Row indices of each of this rank's micro-batches; every rank gets the same number of them."""
+    bounds = [n_rows * r // world for r in range(world + 1)]  # contiguous, sizes differ by at most 1
+    mine = list(range(bounds[rank], bounds[rank + 1]))
+    largest = max(bounds[r + 1] - bounds[r] for r in range(world))
+    n_micro = max(1, math.ceil(largest / micro))
+    cuts = [len(mine) * m // n_micro for m in range(n_micro + 1)]
+    return [mine[cuts[m]:cuts[m + 1]] for m in range(n_micro)]
+
+
+class LearnerWorker:
+    """One rank of the learner (plain class; `learner.group.LearnerActor` is its Ray shell).
+
+    model_path: local Hugging Face folder of the policy. rank / world_size / master_addr /
+    master_port: the torch.distributed group (gloo on CPU, NCCL on CUDA); a default group that is
+    already initialised is reused (in-process mode). device: `cuda` when a GPU is visible and
+    `cluster.learner_gpus > 0`, else `cpu`.
+    """
+
+    def __init__(self, model_path: str, cfg: Config, rank: int = 0, world_size: int = 1,
+                 master_addr: str = "127.0.0.1", master_port: int | None = None, device: str | None = None):
+        self.cfg = cfg
+        self.lcfg = cfg.learner
+        self.model_path = str(model_path)
+        if device is None:
+            device = "cuda" if cfg.cluster.learner_gpus > 0 and torch.cuda.is_available() else "cpu"
+        self.device = torch.device(device)
+        if self.device.type == "cpu":
+            torch.set_num_threads(max(1, int(cfg.cluster.learner_cpus)))  # the cores are shared
+        else:
+            torch.cuda.set_device(self.device)
+        if not dist.is_initialized():
+            backend = "nccl" if self.device.type == "cuda" else "gloo"
+            dist.init_process_group(backend, init_method=f"tcp://{master_addr}:{master_port or _free_port()}",
+                                    rank=rank, world_size=world_size, timeout=timedelta(minutes=30))
+        self.rank, self.world = dist.get_rank(), dist.get_world_size()
+        if self.world != world_size:
+            raise RuntimeError(f"a process group of {self.world} ranks exists; this worker wants {world_size}")
+        self.mesh = init_device_mesh(self.device.type, (self.world,))
+        mp = self.lcfg.mixed_precision
+        self.param_dtype = resolve_dtype("auto" if mp == "auto" else mp, self.device)
+        self.export_dtype = resolve_dtype(cfg.model.dtype, self.device)
+
+        self.processor = load_processor(self.model_path)
+        self.model = self._sharded(trainable=True)
+        self.ref = self._sharded(trainable=False) if self.lcfg.kl_coef > 0 else None
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=self.lcfg.lr, betas=tuple(self.lcfg.betas),
+                                           weight_decay=self.lcfg.weight_decay)
+        warmup = self.lcfg.warmup_steps
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda s: min(1.0, (s + 1) / warmup) if warmup > 0 else 1.0)
+        self.step = 0
+        # clip_cov's random token choice: one stream per rank, saved and restored with the checkpoint
+        self.generator = torch.Generator().manual_seed(cfg.run.seed * 1000 + self.rank)
+
+    def _sharded(self, trainable: bool) -> _Scorer:
+        # fp32 master weights; FSDP2 casts to param_dtype for compute (bf16 on GPU).
+        policy = load_policy(self.model_path, dtype=torch.float32, device=self.device,
+                             attn_implementation=self.cfg.model.attn_implementation)
+        if trainable and self.lcfg.gradient_checkpointing:
+            policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            policy.train()  # transformers checkpoints layers only in training mode; Qwen2-VL has no dropout
+        policy.requires_grad_(trainable)
+        mp = MixedPrecisionPolicy(param_dtype=self.param_dtype, reduce_dtype=torch.float32)
+        for block in policy.model.visual.blocks:
+            fully_shard(block, mesh=self.mesh, mp_policy=mp)
+        for layer in policy.model.language_model.layers:
+            fully_shard(layer, mesh=self.mesh, mp_policy=mp)
+        scorer = _Scorer(policy, self.lcfg.head_chunk)
+        fully_shard(scorer, mesh=self.mesh, mp_policy=mp)
+        return scorer
+
+    # ---- the update --------------------------------------------------------------------------
+    def _encode(self, batch: TrainBatch, rows: list[int]) -> tuple[dict, list[int]]:
+        """Model inputs of `rows` (sorted so each context's rows are adjacent) and that order."""
+        order = sorted(rows, key=lambda i: (int(batch.context[i]), i))
+        groups: list[tuple[str, object, list]] = []
+        last = None
+        for i in order:
+            c = int(batch.context[i])
+            if c != last:
+                text = chat_prompt(self.processor, batch.problems[c], self.cfg.data.format_prompt)
+                groups.append((text, batch.images[c], []))
+                last = c
+            groups[-1][2].append(batch.responses[i])
+        inputs, response_mask, rows_per_image = encode_groups(self.processor, groups)
+        inputs = {k: v.to(self.device) for k, v in inputs.items()}
+        inputs.update(response_mask=response_mask.to(self.device), rows_per_image=rows_per_image)
+        return inputs, order
+
+    def update(self, batch: TrainBatch) -> dict[str, float]:
+        """One GRPO step on `batch` (`epochs` optimizer steps); returns metrics reduced over ranks."""
+        t0 = time.perf_counter()
+        lc = self.lcfg
+        lr = self.optimizer.param_groups[0]["lr"]  # the rate this update uses (the scheduler moves on after it)
+        n = len(batch)
+        if n == 0:
+            raise ValueError("LearnerWorker.update: empty batch")
+        lengths = torch.tensor([r.numel() for r in batch.responses], dtype=torch.float64)
+        total_tokens, total_rows = float(lengths.sum()), float(n)
+        micro = []
+        for rows in _plan(n, self.rank, self.world, lc.micro_batch_size):
+            weight = 1.0
+            if not rows:  # keeps the collectives in step with the other ranks; contributes nothing
+                rows, weight = [0], 0.0
+            inputs, order = self._encode(batch, rows)
+            share = (float(lengths[order].sum()) / total_tokens if lc.aggregation == "token-mean"
+                     else len(order) / total_rows)
+            micro.append(dict(inputs=inputs, order=order, weight=weight * share * self.world,
+                              count=weight, old=None, ref=None))
+
+        sums: dict[str, float] = {}
+        highs: dict[str, float] = {}
+        lows: dict[str, float] = {}
+
+        def add(key: str, value: float, weight: float) -> None:
+            sums[key] = sums.get(key, 0.0) + value * weight
+            sums[key + "#w"] = sums.get(key + "#w", 0.0) + weight
+
+        grad_norms = []
+        self.model.train(self.lcfg.gradient_checkpointing)
+        for epoch in range(lc.epochs):
+            for mb in micro:
+                inputs, order = mb["inputs"], mb["order"]
+                rmask = inputs["response_mask"][:, 1:]  # [R, L-1] bool
+                logp_flat, ent_flat = self.model(**inputs)
+                if epoch == 0:
+                    mb["old"] = logp_flat.detach()
+                    if self.ref is not None:
+                        with torch.no_grad():
+                            mb["ref"] = self.ref(**inputs)[0]
+                    self._entropy_metrics(batch, order, rmask, ent_flat, mb, add)
+                tokens = float(rmask.sum()) * mb["count"]
+                logp = self._unflatten(logp_flat, rmask)
+                adv = batch.advantages[order].to(self.device)
+                loss, m = policy_loss(
+                    logp, self._unflatten(mb["old"], rmask), adv, rmask, clip_low=lc.clip_low,
+                    clip_high=lc.clip_high, aggregation=lc.aggregation,
+                    ref_logprobs=None if mb["ref"] is None else self._unflatten(mb["ref"], rmask),
+                    kl_coef=lc.kl_coef, mode=lc.loss_mode, kl_cov_frac=lc.kl_cov_frac, kl_cov_coef=lc.kl_cov_coef,
+                    clip_cov_frac=lc.clip_cov_frac, clip_cov_bounds=tuple(lc.clip_cov_bounds),
+                    generator=self.generator)
+                (loss * mb["weight"]).backward()
+                add("actor/loss", float(loss.detach()), tokens)
+                for k, v in m.items():
+                    if k.endswith("_max"):
+                        highs[k] = max(highs.get(k, -math.inf), v) if tokens else highs.get(k, -math.inf)
+                    elif k.endswith("_min"):
+                        lows[k] = min(lows.get(k, math.inf), v) if tokens else lows.get(k, math.inf)
+                    else:
+                        add(k, v, tokens)
+            grad_norms.append(self._optimizer_step())
+
+        metrics = self._reduce(sums, highs, lows)
+        seconds = time.perf_counter() - t0
+        metrics.update({
+            "actor/grad_norm": sum(grad_norms) / len(grad_norms),
+            "actor/lr": lr,
+            "learner/tokens": total_tokens,
+            "learner/sequences": total_rows,
+            "time/learn_s": seconds,
+            "learner/tokens_per_s": total_tokens * lc.epochs / seconds,
+        })
+        return metrics
+
+    @staticmethod
+    def _unflatten(flat: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:  # [R, L-1] float32
+        return torch.zeros(mask.shape, dtype=flat.dtype, device=flat.device).masked_scatter(mask, flat)
+
+    def _entropy_metrics(self, batch: TrainBatch, order: list[int], rmask: torch.Tensor,
+                         ent_flat: torch.Tensor, mb: dict, add) -> None:
+        row_of_token = rmask.nonzero()[:, 0]  # [n_tokens] int64, the micro-batch row of each token
+        adversarial = (batch.adversarial[order] if batch.adversarial is not None
+                       else torch.zeros(len(order), dtype=torch.bool)).to(self.device)[row_of_token]
+        ent = ent_flat.double()
+        c = mb["count"]  # 0 for a padding micro-batch
+        add("entropy/all", float(ent.mean()) if ent.numel() else 0.0, ent.numel() * c)
+        for key, sel in (("entropy/clean", ~adversarial), ("entropy/adversarial", adversarial)):
+            k = int(sel.sum())
+            add(key, float(ent[sel].mean()) if k else 0.0, k * c)
+        if batch.engine_logprobs is not None:
+            engine = torch.cat([batch.engine_logprobs[i].float() for i in order]).to(self.device)
+            diff = (engine - mb["old"]).abs()
+            add("rollout/logprob_diff", float(diff.mean()) if diff.numel() else 0.0, diff.numel() * c)
+
+    def _optimizer_step(self) -> float:
+        params = [p for p in self.model.parameters() if p.grad is not None]
+        max_norm = self.lcfg.grad_clip if self.lcfg.grad_clip > 0 else math.inf
+        norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+        if isinstance(norm, DTensor):
+            norm = norm.full_tensor()
+        norm = float(norm)
+        if math.isfinite(norm):
+            self.optimizer.step()
+        # a non-finite gradient skips the step rather than writing nan into every weight
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
+        self.step += 1
+        return norm
+
+    def _reduce(self, sums: dict[str, float], highs: dict[str, float], lows: dict[str, float]) -> dict[str, float]:
+        """Token-weighted means, maxima and minima over all ranks (every rank has the same keys)."""
+        keys, hk, lk = sorted(sums), sorted(highs), sorted(lows)
+        s = torch.tensor([sums[k] for k in keys], dtype=torch.float64)
+        h = torch.tensor([highs[k] for k in hk], dtype=torch.float64)
+        lo = torch.tensor([lows[k] for k in lk], dtype=torch.float64)
+        if self.world > 1:
+            dev = self.device if self.device.type == "cuda" else torch.device("cpu")
+            s, h, lo = s.to(dev), h.to(dev), lo.to(dev)
+            dist.all_reduce(s, op=dist.ReduceOp.SUM)
+            if h.numel():
+                dist.all_reduce(h, op=dist.ReduceOp.MAX)
+            if lo.numel():
+                dist.all_reduce(lo, op=dist.ReduceOp.MIN)
+            s, h, lo = s.cpu(), h.cpu(), lo.cpu()
+        total = dict(zip(keys, s.tolist()))
+        out = {k: total[k] / total[k + "#w"] for k in keys if not k.endswith("#w") and total[k + "#w"] > 0}
+        out.update({k: v for k, v in zip(hk, h.tolist()) if math.isfinite(v)})
+        out.update({k: v for k, v in zip(lk, lo.tolist()) if math.isfinite(v)})
+        return out
+
+    # ---- weights and checkpoints ---------------------------------------------------------------
+    def export_weights(self) -> dict[str, torch.Tensor]:
+        """The full state dict (Hugging Face names, `model.dtype` resolved: bf16 on GPU) on rank 0; {} elsewhere.
+
+        A collective: every rank must call it.
+        """
+        full = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        if self.rank != 0:
+            return {}
+        return {k[len(_PREFIX):]: v.to(self.export_dtype) for k, v in full.items()}
+
+    def save(self, path: str, client_state: dict | None = None) -> None:
+        """Checkpoint to `path` (a collective): `hf/` a Hugging Face folder of the policy (safetensors),
+        `dcp/` the sharded model + optimizer (torch.distributed.checkpoint), `rng/` each rank's
+        generators, `trainer_state.json` step, scheduler and `client_state` (e.g. the data cursor).
+
+        Multi-node runs need `path` on a file system every node sees (DCP writes one file per rank).
+        """
+        out = Path(path)
+        model_sd, optim_sd = get_state_dict(self.model, self.optimizer)
+        dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(out / "dcp"))
+        full = self.export_weights()
+        (out / "rng").mkdir(parents=True, exist_ok=True)
+        rng = {"torch": torch.get_rng_state(), "generator": self.generator.get_state()}
+        if self.device.type == "cuda":
+            rng["cuda"] = torch.cuda.get_rng_state(self.device)
+        torch.save(rng, out / "rng" / f"rank{self.rank}.pt")
+        if self.rank == 0:
+            self._write_hf(out / "hf", {k: v.to(torch.float32) if self.device.type == "cpu" else v
+                                        for k, v in full.items()})
+            state = {"step": self.step, "scheduler": self.scheduler.state_dict(), "world_size": self.world,
+                     "client_state": client_state or {}}
+            tmp = out / "trainer_state.json.tmp"
+            tmp.write_text(json.dumps(state, indent=2, default=float))
+            os.replace(tmp, out / "trainer_state.json")  # its presence marks a complete checkpoint
+        dist.barrier()
+
+    def _write_hf(self, folder: Path, full: dict[str, torch.Tensor]) -> None:
+        from transformers import AutoModelForImageTextToText
+
+        folder.mkdir(parents=True, exist_ok=True)
+        for f in Path(self.model_path).iterdir():  # tokenizer, processor, chat template: unchanged
+            if f.is_file() and not f.name.endswith((".safetensors", ".bin", ".index.json")):
+                shutil.copy2(f, folder / f.name)
+        config = self.model.policy.config
+        with torch.device("meta"):
+            shell = AutoModelForImageTextToText.from_config(config)
+        shell.load_state_dict(full, strict=True, assign=True)
+        shell.save_pretrained(str(folder))
+
+    def load(self, path: str) -> dict:
+        """Resume from `save(path)`: model, optimizer, scheduler, step and RNG; returns the client state."""
+        src = Path(path)
+        state_file = src / "trainer_state.json"
+        if not state_file.is_file():
+            raise FileNotFoundError(f"{src}: no trainer_state.json (not a checkpoint, or an incomplete one)")
+        state = json.loads(state_file.read_text())
+        model_sd, optim_sd = get_state_dict(self.model, self.optimizer)
+        dcp.load({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(src / "dcp"))
+        set_state_dict(self.model, self.optimizer, model_state_dict=model_sd, optim_state_dict=optim_sd)
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.step = int(state["step"])
+        rng_file = src / "rng" / f"rank{self.rank}.pt"
+        if rng_file.is_file():
+            rng = torch.load(rng_file, weights_only=True)
+            torch.set_rng_state(rng["torch"])
+            self.generator.set_state(rng["generator"])
+            if "cuda" in rng and self.device.type == "cuda":
+                torch.cuda.set_rng_state(rng["cuda"], self.device)
+        return state["client_state"]
+
+    def close(self) -> None:
+        """Leave the process group (Ray shells call this before they exit)."""
+        if dist.is_initialized():
+            dist.destroy_process_group()
