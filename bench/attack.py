@@ -30,50 +30,10 @@ from adversary.attack import Attacker  # noqa: E402
 from adversary.egas import pgd_attack  # noqa: E402
 from adversary.pixels import image_to_model_inputs  # noqa: E402
 from adversary.tsec import selective_entropy, token_entropy  # noqa: E402
+from bench.shapes import SHAPES, build_policy  # noqa: E402
 from core.batch import Prompt  # noqa: E402
 from core.config import AdversaryConfig  # noqa: E402
-from core.policy import (  # noqa: E402
-    TINY_MIN_PIXELS,
-    build_tiny_policy,
-    chat_prompt,
-    encode_prompt_response,
-    load_policy,
-    load_processor,
-)
-
-# Qwen2.5-VL-3B-Instruct's published shape.
-_3B_TEXT = dict(hidden_size=2048, intermediate_size=11008, num_hidden_layers=36, num_attention_heads=16,
-                num_key_value_heads=2, max_position_embeddings=32768, rms_norm_eps=1e-6, tie_word_embeddings=True,
-                vocab_size=151936, rope_parameters={"rope_type": "default", "rope_theta": 1e6,
-                                                     "mrope_section": [16, 24, 24]})
-_3B_VISION = dict(depth=32, hidden_size=1280, out_hidden_size=2048, intermediate_size=3420, num_heads=16,
-                  patch_size=14, spatial_merge_size=2, temporal_patch_size=2, in_channels=3, hidden_act="silu",
-                  window_size=112, fullatt_block_indexes=[7, 15, 23, 31])
-
-
-def build_policy(shape: str, folder: Path, image_size: int, device: str):
-    arch = "qwen2_5_vl"
-    path = build_tiny_policy(folder, arch=arch)
-    processor = load_processor(path)
-    processor.image_processor.size = {"shortest_edge": TINY_MIN_PIXELS, "longest_edge": image_size * image_size}
-    if shape == "3b":
-        from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
-
-        tiny = load_policy(path).config
-        cfg = Qwen2_5_VLConfig(text_config=dict(_3B_TEXT, bos_token_id=tiny.text_config.bos_token_id,
-                                                eos_token_id=tiny.text_config.eos_token_id,
-                                                pad_token_id=tiny.text_config.pad_token_id),
-                               vision_config=_3B_VISION, image_token_id=tiny.image_token_id,
-                               video_token_id=tiny.video_token_id, vision_start_token_id=tiny.vision_start_token_id,
-                               vision_end_token_id=tiny.vision_end_token_id, tie_word_embeddings=True)
-        with torch.device("meta"):
-            model = Qwen2_5_VLForConditionalGeneration(cfg)
-        model = model.to_empty(device=device)
-        with torch.no_grad():
-            for p in model.parameters():
-                p.normal_(std=0.02)
-        return model, processor
-    return load_policy(path), processor
+from core.policy import chat_prompt, encode_prompt_response  # noqa: E402
 
 
 def timed(fn, repeats: int, device: str) -> float:
@@ -92,7 +52,7 @@ def timed(fn, repeats: int, device: str) -> float:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--shape", choices=["tiny", "3b"], default="tiny")
+    ap.add_argument("--shape", choices=SHAPES, default="tiny")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--n1", type=int, default=6)
     ap.add_argument("--tokens", type=int, default=32, help="response length T")

@@ -157,8 +157,9 @@ class LearnerWorker:
         self.processor = load_processor(self.model_path)
         self.model = self._sharded(trainable=True)
         self.ref = self._sharded(trainable=False) if self.lcfg.kl_coef > 0 else None
+        # foreach: with DTensor parameters the default picks the per-tensor loop (measured 3x slower here)
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=self.lcfg.lr, betas=tuple(self.lcfg.betas),
-                                           weight_decay=self.lcfg.weight_decay)
+                                           weight_decay=self.lcfg.weight_decay, foreach=True)
         warmup = self.lcfg.warmup_steps
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda s: min(1.0, (s + 1) / warmup) if warmup > 0 else 1.0)
