@@ -143,7 +143,9 @@ class LearnerWorker:
         else:
             torch.cuda.set_device(self.device)
         if not dist.is_initialized():
-            backend = "nccl" if self.device.type == "cuda" else "gloo"
+            # with a GPU present, one group serves both devices: CPU workers (tests, in-process
+            # references) and CUDA workers can then share a process
+            backend = "cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo"
             dist.init_process_group(backend, init_method=f"tcp://{master_addr}:{master_port or _free_port()}",
                                     rank=rank, world_size=world_size, timeout=timedelta(minutes=30))
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
