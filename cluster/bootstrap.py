@@ -120,7 +120,8 @@ def ensure_data(cfg: Config) -> None:
     tmp.rename(train.parent)
 
 
-def _load(cfg: Config, processor, files: list[str], limit: int | None):
+def load_split(cfg: Config, processor, files: list[str], limit: int | None):
+    """The prompts of `files`, fitted to the processor; skipped rows are logged, none at all is an error."""
     min_px, max_px, factor = image_size_limits(processor)
     if cfg.data.max_pixels is not None:
         max_px = min(max_px, cfg.data.max_pixels)
@@ -177,8 +178,8 @@ def bootstrap(cfg: Config, settings: BootstrapSettings | None = None, out: str |
         build_tiny_policy(init, arch=cfg.model.arch, seed=cfg.data.synthetic.seed)
     processor = load_processor(init)
     model = load_policy(init, dtype="float32", device="cpu")
-    train = _load(cfg, processor, cfg.data.train_files, cfg.data.limit_train)
-    test = _load(cfg, processor, cfg.data.test_files, cfg.data.limit_test)
+    train = load_split(cfg, processor, cfg.data.train_files, cfg.data.limit_train)
+    test = load_split(cfg, processor, cfg.data.test_files, cfg.data.limit_test)
     missing = sum(1 for p in train if not p.solution)
     if missing:
         raise ValueError(f"{missing} of {len(train)} training prompts have no `solution` column: the bootstrap "

@@ -142,6 +142,9 @@ class RolloutConfig:
     """vLLM without CUDA graphs / torch.compile (faster start, slower decode)."""
     max_batch_requests: int = 64
     """Most requests one engine call batches together (bounds memory of the HF engine)."""
+    stream_chunk: int = 1
+    """Prompts per rollout task in a training step: smaller streams clean samples to the adversary
+    sooner, larger batches better in the engine."""
 
 
 @dataclass
@@ -252,6 +255,8 @@ class ClusterConfig:
     """Restarts Ray may make of a dead rollout actor."""
     namespace: str = "saei"
     """Ray namespace of the job's named actors (the ops CLI finds the controller there)."""
+    metrics_export_port: int | None = None
+    """Port of the local Ray node's Prometheus endpoint (None: Ray picks one); for a cluster use `ray start`'s."""
 
 
 @dataclass
@@ -466,6 +471,7 @@ def validate(cfg: Config) -> None:
     check(0 < r.gpu_memory_utilization <= 1, "rollout.gpu_memory_utilization", "must be in (0, 1]")
     check(r.tensor_parallel_size >= 1, "rollout.tensor_parallel_size", "must be >= 1")
     check(r.max_batch_requests >= 1, "rollout.max_batch_requests", "must be >= 1")
+    check(r.stream_chunk >= 1, "rollout.stream_chunk", "must be >= 1")
 
     band = a.tsec.band
     if len(band) != 2 or not all(0 <= x <= 1 for x in band) or band[0] >= band[1]:

@@ -1,0 +1,185 @@
+"""One SaEI-GRPO step, streamed: clean samples -> attack -> adversarial samples -> update -> sync.
+
+`saei_step` is the algorithm as one flat function. The attack of prompt p starts as soon as p's clean
+samples are back (while other prompts still generate) and p's adversarial requests are queued as
+soon as its image is ready, so the adversary's latency hides behind generation. Vanilla GRPO is the
+same function with `rollout.n_adv = 0`; `adversary.kind = noise | none` and `adversary.learn_on`
+give the baselines. `evaluate` measures greedy accuracy and pass@k on held-out prompts.
+"""
+
+from __future__ import annotations
+
+import time
+import zlib
+from dataclasses import dataclass
+
+import numpy as np
+import ray
+import torch
+
+from actors.rollout import RolloutPool, RolloutRequest
+from core.batch import Group, Prompt, TrainBatch
+from core.config import Config, SamplingConfig
+from learner.group import LearnerGroup
+from learner.grpo import group_advantages
+
+
+@dataclass
+class Parts:
+    """The running pieces a step drives."""
+
+    cfg: Config
+    """The run's config."""
+    pool: RolloutPool
+    """Rollout actors serving the old policy."""
+    learner: LearnerGroup
+    """Learner ranks holding the trainable policy."""
+    adversary: object | None
+    """AdversaryActor handle (None when n_adv = 0: vanilla GRPO)."""
+
+
+def request_seed(run_seed: int, step: int, index: int, adversarial: bool) -> int:
+    """Sampling seed of one request: stable across restarts, distinct per (step, prompt, image)."""
+    return zlib.crc32(f"{run_seed}:{step}:{index}:{int(adversarial)}".encode()) & 0x7FFFFFFF
+
+
+def _mean(values: list[float]) -> float | None:
+    return float(np.mean(values)) if values else None
+
+
+def saei_step(parts: Parts, prompts: list[Prompt], step: int, progress: float) -> dict[str, float | None]:
+    """One training step on `prompts`; returns its metrics (None where a value does not apply)."""
+    cfg, pool = parts.cfg, parts.pool
+    n_clean, n_adv = cfg.rollout.n_clean, cfg.rollout.n_adv
+    t_step = time.perf_counter()
+    groups = [Group(prompt=p) for p in prompts]
+    pool.take_stats()
+
+    # 1. clean samples, streamed back per task of `stream_chunk` prompts
+    clean = {t: i for i, t in enumerate(pool.submit(
+        [RolloutRequest(p, n_clean, request_seed(cfg.run.seed, step, i, False)) for i, p in enumerate(prompts)],
+        chunk=cfg.rollout.stream_chunk))} if n_clean else {}
+    adv: dict[int, int] = {}
+    attacks: dict[ray.ObjectRef, int] = {}
+    attack_metrics: list[dict[str, float]] = []
+
+    def start_attack(i: int) -> None:
+        responses = [s.response_ids for s in groups[i].clean]
+        attacks[parts.adversary.attack.remote(prompts[i], responses, progress)] = i
+
+    if n_adv and not n_clean:  # nothing to wait for: attack (noise / none) right away
+        for i in range(len(prompts)):
+            start_attack(i)
+    # 2. as each prompt's clean samples arrive, attack its image; 3. sample on I_adv when it is ready
+    while pool.pending or attacks:
+        waiting = pool.pending_refs() + list(attacks)
+        ready = set(ray.wait(waiting, num_returns=1)[0]) if waiting else set()
+        for ticket, samples in pool.poll(timeout=0):
+            if ticket in clean:
+                i = clean.pop(ticket)
+                groups[i].clean = samples
+                if n_adv:
+                    start_attack(i)
+            else:
+                groups[adv.pop(ticket)].adversarial = samples
+        for ref in [r for r in attacks if r in ready]:
+            i = attacks.pop(ref)
+            result = ray.get(ref)
+            groups[i].adv_image = result.image
+            attack_metrics.append(result.metrics)
+            req = RolloutRequest(prompts[i], n_adv, request_seed(cfg.run.seed, step, i, True), image=result.image,
+                                 adversarial=True)
+            adv.update({t: i for t in pool.submit([req], chunk=1)})
+    t_generated = time.perf_counter()
+    rollout = pool.take_stats()
+
+    # 4. advantages over each prompt's n_clean + n_adv samples
+    samples = [s for g in groups for s in g.samples]
+    rewards = torch.tensor([s.reward for s in samples], dtype=torch.float32)
+    group_ids = torch.tensor([i for i, g in enumerate(groups) for _ in g.samples], dtype=torch.int64)
+    advantages = group_advantages(rewards, group_ids, scale=cfg.learner.advantage_scale)
+
+    # 5. the update, conditioned on I_adv (learn_on=adversarial) or on the clean image
+    batch = learner_batch(groups, advantages, cfg.adversary.learn_on)
+    t0 = time.perf_counter()
+    learned = parts.learner.update(batch)
+    t_learned = time.perf_counter()
+
+    # 6. the new weights to every rollout actor and the adversary
+    weights = parts.learner.export_weights_ref()
+    adversary_sync = parts.adversary.load_weights.remote(weights) if parts.adversary is not None else None
+    pool.load_weights(weights)
+    if adversary_sync is not None:
+        ray.get(adversary_sync)
+    t_synced = time.perf_counter()
+
+    clean_s = [s for g in groups for s in g.clean]
+    adv_s = [s for g in groups for s in g.adversarial]
+    return {
+        "reward/mean": _mean([s.reward for s in samples]),
+        "reward/clean": _mean([s.reward for s in clean_s]),
+        "reward/adversarial": _mean([s.reward for s in adv_s]),
+        "accuracy/clean": _mean([s.accuracy for s in clean_s]),
+        "accuracy/adversarial": _mean([s.accuracy for s in adv_s]),
+        "format/clean": _mean([float(s.format_ok) for s in clean_s]),
+        "entropy/clean": learned.get("entropy/clean"),
+        "entropy/adversarial": learned.get("entropy/adversarial"),
+        "tsec/before": _mean([m["tsec/before"] for m in attack_metrics if "tsec/before" in m]),
+        "tsec/after": _mean([m["tsec/after"] for m in attack_metrics if "tsec/after" in m]),
+        "egas/linf": _mean([m["egas/linf"] for m in attack_metrics if "egas/linf" in m]),
+        "response_length/mean": _mean([float(s.response_ids.numel()) for s in samples]),
+        "response_length/clipped": _mean([float(s.finish_reason == "length") for s in samples]),
+        "advantage/zero_frac": float((advantages == 0).float().mean()),
+        "rollout/tokens_per_s": rollout.generated_tokens / max(t_generated - t_step, 1e-9),
+        "rollout/generated_tokens": float(rollout.generated_tokens),
+        "rollout/restarts": float(rollout.restarts),
+        "rollout/workers": float(pool.size),
+        **{k: v for k, v in learned.items() if k.startswith(("actor/", "learner/", "rollout/logprob"))},
+        "time/generate_s": t_generated - t_step,
+        "time/attack_s": sum(m.get("time/attack_s", 0.0) for m in attack_metrics),
+        "time/learn_s": t_learned - t0,
+        "time/sync_s": t_synced - t_learned,
+        "time/step_s": t_synced - t_step,
+    }
+
+
+def learner_batch(groups: list[Group], advantages: torch.Tensor, learn_on: str) -> TrainBatch:
+    """The learner's batch: one context per (prompt, image) so each image runs the vision tower once."""
+    problems, images, responses, context, adversarial, logprobs = [], [], [], [], [], []
+    for g in groups:
+        problems.append(g.prompt.problem)
+        images.append(g.prompt.image)
+        clean_ctx = len(problems) - 1
+        adv_ctx = clean_ctx
+        if g.adversarial and learn_on == "adversarial" and g.adv_image is not None:
+            problems.append(g.prompt.problem)
+            images.append(g.adv_image)
+            adv_ctx = len(problems) - 1
+        for s in g.samples:
+            responses.append(s.response_ids)
+            context.append(adv_ctx if s.adversarial else clean_ctx)
+            adversarial.append(s.adversarial)
+            logprobs.append(s.logprobs)
+    return TrainBatch(problems=problems, images=images, responses=responses,
+                      context=torch.tensor(context, dtype=torch.int64), advantages=advantages,
+                      adversarial=torch.tensor(adversarial, dtype=torch.bool),
+                      engine_logprobs=logprobs if all(lp is not None for lp in logprobs) else None)
+
+
+def evaluate(pool: RolloutPool, cfg: Config, prompts: list[Prompt], step: int) -> dict[str, float]:
+    """Greedy accuracy and pass@k (k = rollout.eval_k samples at the training temperature)."""
+    greedy = SamplingConfig(temperature=0.0, top_p=1.0, top_k=-1, max_new_tokens=cfg.rollout.sampling.max_new_tokens,
+                            stop=list(cfg.rollout.sampling.stop))
+    reqs = [RolloutRequest(p, 1, request_seed(cfg.run.seed, -1, i, False)) for i, p in enumerate(prompts)]
+    t0 = time.perf_counter()
+    out, _ = pool.generate(reqs, greedy)
+    k = cfg.rollout.eval_k
+    reqs_k = [RolloutRequest(p, k, request_seed(cfg.run.seed, -2 - step, i, False)) for i, p in enumerate(prompts)]
+    out_k, _ = pool.generate(reqs_k, cfg.rollout.sampling)
+    return {
+        "eval/accuracy": float(np.mean([o[0].accuracy for o in out])) if out else 0.0,
+        "eval/pass@k": float(np.mean([max(s.accuracy for s in o) for o in out_k])) if out_k else 0.0,
+        "eval/mean@k": float(np.mean([s.accuracy for o in out_k for s in o])) if out_k else 0.0,
+        "eval/prompts": float(len(prompts)),
+        "time/eval_s": time.perf_counter() - t0,
+    }

@@ -1,0 +1,112 @@
+"""RolloutPool on a real local Ray cluster: counts, order, weights, and an actor killed mid-call."""
+
+import numpy as np
+import pytest
+import torch
+
+from actors.rollout import Rollout, RolloutPool, RolloutRequest
+from core import synthetic
+from core.batch import Prompt
+from core.config import load_config
+from core.policy import load_policy
+
+
+def _prompts(k: int) -> list[Prompt]:
+    out = []
+    for i in range(k):
+        ex = synthetic.make_example(i, split="test")
+        out.append(Prompt(uid=f"test:{i}", problem=ex.problem, answer=ex.answer, image=np.asarray(ex.image)))
+    return out
+
+
+def _cfg(workers: int = 2, *extra: str):
+    return load_config(None, [f"cluster.rollout_workers={workers}", "cluster.rollout_cpus=1",
+                              "rollout.sampling.max_new_tokens=6", "cluster.max_restarts=2", *extra])
+
+
+def _ids(samples_per_request) -> list[list[list[int]]]:
+    return [[s.response_ids.tolist() for s in samples] for samples in samples_per_request]
+
+
+def _perturbed_weights(path: str) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(1)
+    return {k: v + 0.05 * torch.randn(v.shape, generator=g) for k, v in load_policy(path).state_dict().items()}
+
+
+@pytest.fixture(scope="module")
+def pool(ray_cluster, tiny_policy_dir):
+    p = RolloutPool(str(tiny_policy_dir), _cfg())
+    yield p
+    p.shutdown()
+
+
+def test_two_actors_return_exact_counts_in_order_equal_to_one_rollout(pool, tiny_policy_dir):
+    counts = [1, 3, 2, 4, 1, 2]
+    requests = [RolloutRequest(prompt=p, n=n, seed=100 + i) for i, (p, n) in enumerate(zip(_prompts(6), counts))]
+    out, stats = pool.generate(requests, chunk=2)
+    assert [len(o) for o in out] == counts
+    for req, samples in zip(requests, out):
+        assert [s.prompt_uid for s in samples] == [req.prompt.uid] * req.n
+        assert [s.index for s in samples] == list(range(req.n))
+        assert all(0 < s.response_ids.numel() <= 6 and 0.0 <= s.reward <= 1.0 for s in samples)
+    assert stats.samples == sum(counts)
+    assert stats.generated_tokens == sum(s.response_ids.numel() for o in out for s in o)
+    assert stats.tokens_per_s > 0 and stats.prompt_tokens > 0
+    local = Rollout(str(tiny_policy_dir), _cfg(), device="cpu")
+    want, _ = local.generate(requests, _cfg().rollout.sampling)
+    assert _ids(out) == _ids(want)  # per-request seeds: the split over actors changes nothing
+
+
+def test_killed_actor_mid_call_loses_and_duplicates_nothing(pool, ray_cluster):
+    ray = ray_cluster
+    requests = [RolloutRequest(prompt=p, n=2, seed=7 * i) for i, p in enumerate(_prompts(8))]
+    want, _ = pool.generate(requests)
+    tickets = pool.submit(requests, chunk=1)
+    got: dict[int, list] = {}
+    for ticket, samples in pool.poll(timeout=None):
+        got.setdefault(ticket, []).append(samples)
+    ray.kill(pool.actors[0], no_restart=False)  # Ray restarts it; its tasks in flight are lost
+    while pool.pending:
+        for ticket, samples in pool.poll(timeout=None):
+            got.setdefault(ticket, []).append(samples)
+    assert sorted(got) == tickets and all(len(v) == 1 for v in got.values())  # each exactly once
+    assert _ids([got[t][0] for t in tickets]) == _ids(want)
+    assert pool.take_stats().restarts >= 1
+
+
+def test_new_weights_reach_every_actor_and_a_restarted_one(pool, ray_cluster, tiny_policy_dir, tmp_path):
+    ray = ray_cluster
+    requests = [RolloutRequest(prompt=p, n=2, seed=i) for i, p in enumerate(_prompts(4))]
+    greedy = _cfg().rollout.sampling
+    greedy.temperature = 0.0
+    before, _ = pool.generate(requests, greedy, chunk=1)
+
+    weights = _perturbed_weights(str(tiny_policy_dir))
+    pool.load_weights(weights)
+    after, _ = pool.generate(requests, greedy, chunk=1)
+    assert _ids(after) != _ids(before)
+
+    model = load_policy(tiny_policy_dir)
+    model.load_state_dict(weights)
+    model.save_pretrained(tmp_path)
+    for f in tiny_policy_dir.iterdir():  # tokenizer and processor files
+        if not f.name.endswith((".safetensors", "config.json")) or f.name == "preprocessor_config.json":
+            (tmp_path / f.name).write_bytes(f.read_bytes())
+    fresh = Rollout(str(tmp_path), _cfg(), device="cpu")
+    want, _ = fresh.generate(requests, greedy)
+    assert _ids(after) == _ids(want)
+
+    ray.kill(pool.actors[1], no_restart=False)  # comes back with the folder's weights ...
+    again, _ = pool.generate(requests, greedy, chunk=1)
+    assert _ids(again) == _ids(want)  # ... and gets the current ones before it serves
+
+
+def test_resize_adds_actors_with_current_weights(pool):
+    requests = [RolloutRequest(prompt=p, n=1, seed=i) for i, p in enumerate(_prompts(3))]
+    want, _ = pool.generate(requests, chunk=1)
+    pool.resize(1)
+    assert pool.size == 1
+    one, _ = pool.generate(requests, chunk=1)
+    pool.resize(2)
+    two, _ = pool.generate(requests, chunk=1)
+    assert _ids(one) == _ids(want) == _ids(two)
