@@ -313,6 +313,15 @@ class RolloutPool:
         self._merge(call)
         return out, call  # type: ignore[return-value]
 
+    def _merge(self, call: RolloutStats) -> None:
+        s = self.stats
+        s.prompt_tokens += call.prompt_tokens
+        s.generated_tokens += call.generated_tokens
+        s.seconds += call.seconds
+        s.samples += call.samples
+        s.restarts += call.restarts
+        s.engine_seconds.extend(call.engine_seconds)
+
     def take_stats(self) -> RolloutStats:
         """The counts since the last call (the step pipeline reads them once per step)."""
         out, self.stats = self.stats, RolloutStats()

@@ -27,3 +27,23 @@ def tiny_policy_dir(request, tmp_path_factory):
     from core.policy import build_tiny_policy
 
     return build_tiny_policy(tmp_path_factory.mktemp(f"tiny_{request.param}"), arch=request.param, seed=0)
+
+
+
+@pytest.fixture(scope="session")
+def bootstrapped_run(tmp_path_factory):
+    """`python -m cluster.bootstrap` at its real settings in a fresh folder (about 3-4 minutes on 2 cores).
+
+    The one full bootstrap of the suite: the e2e test checks what it measured; tests that need a
+    policy which reads the image (the engines' "the image matters") use its output.
+    """
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    out = tmp_path_factory.mktemp("bootstrap")
+    env = dict(os.environ, PYTHONPATH=str(repo), OMP_NUM_THREADS="2")
+    proc = subprocess.run([sys.executable, "-m", "cluster.bootstrap", "--config", str(repo / "configs/default.yaml"),
+                           f"run.output_dir={out}"], cwd=out, env=env, capture_output=True, text=True, timeout=900)
+    return {"output_dir": out, "path": out / "tiny_policy" / "bootstrap", "proc": proc}

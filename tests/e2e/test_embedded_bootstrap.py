@@ -17,13 +17,9 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.mark.slow
-def test_bootstrap_cli_gives_a_middling_policy_that_reads_the_image(tmp_path):
+def test_bootstrap_cli_gives_a_middling_policy_that_reads_the_image(bootstrapped_run):
+    proc, tmp_path = bootstrapped_run["proc"], bootstrapped_run["output_dir"]
     env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="2")
-    proc = subprocess.run(
-        [sys.executable, "-m", "cluster.bootstrap", "--config", str(REPO / "configs/default.yaml"),
-         f"run.output_dir={tmp_path}"],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900,
-    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     info = json.loads((tmp_path / "tiny_policy/bootstrap/bootstrap.json").read_text())
     assert info["n_test"] == 200 and info["format_rate"] > 0.9
