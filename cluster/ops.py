@@ -80,6 +80,14 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     controller = _connect(args.address, args.namespace)
+    try:
+        return _command(args, controller)
+    except ray.exceptions.RayActorError:
+        print("error: the job's controller is gone (the job has finished or died)", file=sys.stderr)
+        return 1
+
+
+def _command(args, controller) -> int:
     if args.command == "status":
         print(json.dumps(ray.get(controller.get_status.remote()), indent=2, default=str))
         return 0

@@ -31,7 +31,8 @@ EVAL_KEYS = ["eval/accuracy", "eval/pass@k"]
 
 
 def _env(**extra) -> dict:
-    return dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0",
+    # the venv's bin first: `ray start` hands its PATH to job entrypoints (`python -m ...`)
+    return dict(os.environ, PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0",
                 RAY_AUTH_MODE="disabled", TOKENIZERS_PARALLELISM="false", **extra)
 
 
@@ -107,7 +108,7 @@ def test_job_submit_metrics_and_ops_scale(head_node, tiny_policy_dir, tmp_path):
     out = tmp_path / "runs"
     job = subprocess.Popen(
         [str(BIN / "ray"), "job", "submit", "--address", head_node["dashboard"], "--working-dir", str(REPO),
-         "--", "python", "-m", "cluster.train", "run.name=submitted", "run.steps=6", "run.eval_every=0",
+         "--", "python", "-m", "cluster.train", "run.name=submitted", "run.steps=15", "run.eval_every=0",
          *_overrides(out, tiny_policy_dir, "rollout.n_clean=2", "rollout.n_adv=2")],
         env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO)
     ops_env = _env(RAY_ADDRESS=head_node["address"])
