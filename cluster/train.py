@@ -108,7 +108,7 @@ def train(cfg: Config) -> dict:
 
     t_start = time.perf_counter()
     ensure_data(cfg)
-    model_path = str(ensure_policy(cfg))
+    model_path = str(ensure_policy(cfg, progress=cfg.logging.progress_bar))
     run_dir = run_dir_for(cfg)
     run_dir.mkdir(parents=True)
     (run_dir / "config.yaml").write_text(to_yaml(cfg))
