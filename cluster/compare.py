@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cluster.metrics import read_metrics
+from cluster.metrics import read_metrics, save_panel
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = ["grpo", "saei", "no_tsec", "random_tokens", "noise", "learn_on_clean"]
@@ -88,13 +88,7 @@ def report(results: dict[str, list[Path]], out: Path) -> Path:
             steps = series[0][0]
             same = [s for s in series if s[0] == steps]
             ax.plot(steps, np.mean([s[1] for s in same], axis=0), label=name)
-        ax.set_xlabel("step")
-        ax.set_title(key)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
-        fig.tight_layout()
-        path = out / f"curves_{key.replace('/', '_')}.png"
-        fig.savefig(path, dpi=110)
+        path = save_panel(fig, ax, key, out / f"curves_{key.replace('/', '_')}.png")
         plt.close(fig)
         lines.append(f"![{key}]({path.name})")
     path = out / "report.md"

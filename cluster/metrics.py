@@ -134,13 +134,17 @@ def plot_curves(metrics_path: str | Path, out_dir: str | Path) -> list[Path]:
                 ax.plot(xs, ys, marker="o" if len(pts) < 30 else None, markersize=3, label=key)
                 drawn += 1
         if drawn:
-            ax.set_xlabel("step")
-            ax.set_title(panel)
-            ax.grid(alpha=0.3)
-            ax.legend(fontsize=7)
-            fig.tight_layout()
-            path = out_dir / f"{panel}.png"
-            fig.savefig(path, dpi=110)
-            written.append(path)
+            written.append(save_panel(fig, ax, panel, out_dir / f"{panel}.png"))
         plt.close(fig)
     return written
+
+
+def save_panel(fig, ax, title: str, path: Path) -> Path:
+    """The house style of a curve panel (step on x, a legend), saved as PNG."""
+    ax.set_xlabel("step")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    return path
