@@ -1,5 +1,6 @@
 """The benchmarks run and print their ratios (no timing is asserted: these machines are noisy)."""
 
+import os
 import re
 import subprocess
 import sys
@@ -25,3 +26,24 @@ def test_learner_bench_prints_ratio(tmp_path):
     for name in ("learner_vs_plain_ratio", "learner_tokens_per_s", "plain_tokens_per_s"):
         value = float(re.search(rf"^{name}=([0-9.]+)$", out.stdout, re.M).group(1))
         assert value > 0
+
+
+def test_rollout_bench_prints_ratio(tmp_path):
+    out = subprocess.run([sys.executable, str(REPO / "bench/rollout.py"), "--prompts", "2", "--n", "2",
+                          "--new-tokens", "4", "--repeats", "1", "--max-actors", "1", "--cache", str(tmp_path)],
+                         capture_output=True, text=True, timeout=300, cwd=REPO,
+                         env=dict(os.environ, RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0", RAY_AUTH_MODE="disabled"))
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert float(re.search(r"^pool_vs_engine_ratio=([0-9.]+)$", out.stdout, re.M).group(1)) > 0
+
+
+def test_step_overhead_bench_ends_with_its_ratio(tmp_path):
+    out = subprocess.run([sys.executable, str(REPO / "bench/step_overhead.py"), "--steps", "1",
+                          f"run.output_dir={tmp_path}", "data.synthetic.n_train=16", "data.synthetic.n_test=4",
+                          "data.batch_size=2", "rollout.n_clean=2", "rollout.n_adv=2",
+                          "rollout.sampling.max_new_tokens=4"],
+                         capture_output=True, text=True, timeout=300, cwd=REPO,
+                         env=dict(os.environ, RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0", RAY_AUTH_MODE="disabled"))
+    assert out.returncode == 0, out.stderr[-2000:]
+    last = out.stdout.strip().splitlines()[-1]
+    assert re.fullmatch(r"saei_vs_grpo_step_ratio=[0-9.]+", last), last
