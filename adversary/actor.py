@@ -1,7 +1,10 @@
 """The adversary as a Ray actor: a thin shell around `adversary.attack.Attacker`.
 
 It loads its own copy of the policy from a local folder (the same one the rollout actors serve) and
-takes new weights from the learner through `load_weights`. Resources (CPU / GPU share) come from
+takes new weights from the learner through `load_weights`. Like the rollout actors it keeps the
+version of the weights it holds, and every attack names the version it needs with a reference to
+those weights: when Ray restarts the actor (its `__init__` loads the folder's weights again) the
+next attack catches up first, so a restart never attacks with a stale policy. Resources (CPU / GPU share) come from
 `cluster.adversary_cpus` / `cluster.adversary_gpus` via `create_adversary_actor`.
 """
 
@@ -18,7 +21,7 @@ from core.policy import load_policy, load_processor
 
 @ray.remote
 class AdversaryActor:
-    """Ray shell: every method forwards to the in-process `Attacker`."""
+    """Ray shell: every method forwards to the in-process `Attacker`, after catching up on weights."""
 
     def __init__(self, model_path: str, cfg: Config):
         device = "cuda" if cfg.cluster.adversary_gpus > 0 and torch.cuda.is_available() else "cpu"
@@ -28,21 +31,38 @@ class AdversaryActor:
                              attn_implementation=cfg.model.attn_implementation)
         self.attacker = Attacker(policy, load_processor(model_path), cfg.adversary, cfg.data.format_prompt,
                                  seed=cfg.run.seed)
+        self.version = 0  # 0: the weights of model_path; -1: loaded without a version (unknown)
+
+    def _catch_up(self, version: int | None, weights: list[ray.ObjectRef] | None) -> None:
+        if version is not None and version != self.version and weights:
+            # the ref comes inside a list so that Ray hands it over unresolved: fetched only when needed
+            self.load_weights(ray.get(weights[0]), version)
 
     def ready(self) -> bool:
         return True
 
-    def attack(self, prompt: Prompt, responses: list[torch.Tensor], progress: float = 0.0) -> AttackResult:
+    def attack(self, prompt: Prompt, responses: list[torch.Tensor], progress: float = 0.0,
+               version: int | None = None, weights: list[ray.ObjectRef] | None = None) -> AttackResult:
+        self._catch_up(version, weights)
         return self.attacker.attack(prompt, responses, progress=progress)
 
-    def attack_many(self, items: list[tuple[Prompt, list[torch.Tensor]]], progress: float = 0.0) -> list[AttackResult]:
+    def attack_many(self, items: list[tuple[Prompt, list[torch.Tensor]]], progress: float = 0.0,
+                    version: int | None = None, weights: list[ray.ObjectRef] | None = None) -> list[AttackResult]:
+        self._catch_up(version, weights)
         return self.attacker.attack_many(items, progress=progress)
 
-    def load_weights(self, named_tensors: dict[str, torch.Tensor]) -> None:
+    def load_weights(self, named_tensors: dict[str, torch.Tensor], version: int = -1) -> None:
         self.attacker.load_weights(named_tensors)
+        self.version = version
+
+    def weights_version(self) -> int:
+        return self.version
 
 
 def create_adversary_actor(model_path: str, cfg: Config):
     """Start the adversary actor with the resources the config gives it."""
+    # an attack is a pure function of (prompt, responses, weights version): Ray may run it again on the
+    # restarted actor, which catches up on the weights first
     return AdversaryActor.options(num_cpus=cfg.cluster.adversary_cpus, num_gpus=cfg.cluster.adversary_gpus,
-                                  max_restarts=cfg.cluster.max_restarts).remote(model_path, cfg)
+                                  max_restarts=cfg.cluster.max_restarts,
+                                  max_task_retries=cfg.cluster.max_restarts).remote(model_path, cfg)

@@ -9,6 +9,7 @@ give the baselines. `evaluate` measures greedy accuracy and pass@k on held-out p
 
 from __future__ import annotations
 
+import logging
 import time
 import zlib
 from dataclasses import dataclass
@@ -22,6 +23,8 @@ from core.batch import Group, Prompt, TrainBatch
 from core.config import Config, SamplingConfig
 from learner.group import LearnerGroup
 from learner.grpo import group_advantages
+
+log = logging.getLogger("cluster.pipeline")
 
 
 @dataclass
@@ -63,9 +66,12 @@ def saei_step(parts: Parts, prompts: list[Prompt], step: int, progress: float) -
     attacks: dict[ray.ObjectRef, int] = {}
     attack_metrics: list[dict[str, float]] = []
 
+    adversary_deaths = 0
+
     def start_attack(i: int) -> None:
         responses = [s.response_ids for s in groups[i].clean]
-        attacks[parts.adversary.attack.remote(prompts[i], responses, progress)] = i
+        weights = [pool.weights_ref] if pool.weights_ref is not None else None
+        attacks[parts.adversary.attack.remote(prompts[i], responses, progress, pool.version, weights)] = i
 
     if n_adv and not n_clean:  # nothing to wait for: attack (noise / none) right away
         for i in range(len(prompts)):
@@ -84,7 +90,16 @@ def saei_step(parts: Parts, prompts: list[Prompt], step: int, progress: float) -
                 groups[adv.pop(ticket)].adversarial = samples
         for ref in [r for r in attacks if r in ready]:
             i = attacks.pop(ref)
-            result = ray.get(ref)
+            try:
+                result = ray.get(ref)
+            except ray.exceptions.RayActorError as e:
+                # Ray restarts the adversary; the retried attack brings the current weights with it
+                adversary_deaths += 1
+                if adversary_deaths > cfg.cluster.max_restarts:
+                    raise RuntimeError(f"the adversary actor died {adversary_deaths} times in step {step}") from e
+                log.warning("adversary actor died during the attack of prompt %s; attacking again", prompts[i].uid)
+                start_attack(i)
+                continue
             groups[i].adv_image = result.image
             attack_metrics.append(result.metrics)
             req = RolloutRequest(prompts[i], n_adv, request_seed(cfg.run.seed, step, i, True), image=result.image,
@@ -107,10 +122,16 @@ def saei_step(parts: Parts, prompts: list[Prompt], step: int, progress: float) -
 
     # 6. the new weights to every rollout actor and the adversary
     weights = parts.learner.export_weights_ref()
-    adversary_sync = parts.adversary.load_weights.remote(weights) if parts.adversary is not None else None
+    adversary_sync = None
+    if parts.adversary is not None:  # tagged with the version the pool is about to serve
+        adversary_sync = parts.adversary.load_weights.remote(weights, pool.version + 1)
     pool.load_weights(weights)
     if adversary_sync is not None:
-        ray.get(adversary_sync)
+        try:
+            ray.get(adversary_sync)
+        except ray.exceptions.RayActorError:  # restarted: its next attack catches up on the weights
+            adversary_deaths += 1
+            log.warning("adversary actor died while loading weights; it catches up at its next attack")
     t_synced = time.perf_counter()
 
     clean_s = [s for g in groups for s in g.clean]
@@ -127,12 +148,15 @@ def saei_step(parts: Parts, prompts: list[Prompt], step: int, progress: float) -
         "tsec/before": _mean([m["tsec/before"] for m in attack_metrics if "tsec/before" in m]),
         "tsec/after": _mean([m["tsec/after"] for m in attack_metrics if "tsec/after" in m]),
         "egas/linf": _mean([m["egas/linf"] for m in attack_metrics if "egas/linf" in m]),
+        "samples/clean": float(len(clean_s)),
+        "samples/adversarial": float(len(adv_s)),
         "response_length/mean": _mean([float(s.response_ids.numel()) for s in samples]),
         "response_length/clipped": _mean([float(s.finish_reason == "length") for s in samples]),
         "advantage/zero_frac": float((advantages == 0).float().mean()),
         "rollout/tokens_per_s": rollout.generated_tokens / max(t_generated - t_step, 1e-9),
         "rollout/generated_tokens": float(rollout.generated_tokens),
         "rollout/restarts": float(rollout.restarts),
+        "adversary/restarts": float(adversary_deaths),
         "rollout/workers": float(pool.size),
         **{k: v for k, v in learned.items() if k.startswith(("actor/", "learner/", "rollout/logprob"))},
         "time/generate_s": t_generated - t_step,

@@ -134,7 +134,7 @@ def train(cfg: Config) -> dict:
         weights = learner.export_weights_ref()
         pool.load_weights(weights)
         if adversary is not None:
-            ray.get(adversary.load_weights.remote(weights))
+            ray.get(adversary.load_weights.remote(weights, pool.version))
         log.info("resumed from %s at step %d", cfg.run.resume_from, first_step)
     cursor = Cursor(len(train_prompts), cfg.data.batch_size, cfg.run.seed, cfg.data.shuffle, cursor_state)
 
