@@ -34,6 +34,15 @@ def test_shipped_configs_load(name):
     load_config(REPO / "configs" / name)
 
 
+def test_default_yaml_spells_out_the_typed_defaults():
+    # `make compare` and every config file build on the typed defaults: default.yaml must not drift
+    from dataclasses import asdict
+
+    typed, shipped = asdict(load_config(None, [])), asdict(load_config(REPO / "configs/default.yaml", []))
+    typed["run"].pop("name"), shipped["run"].pop("name")
+    assert shipped == typed
+
+
 def test_yaml_then_overrides_win(tmp_path):
     p = tmp_path / "c.yaml"
     p.write_text("rollout:\n  n_clean: 3\n  n_adv: 2\nlearner:\n  lr: 0.5\n")
