@@ -155,6 +155,7 @@ class _Task:
     sampling: SamplingConfig
     attempts: int = 0
     epoch: int = 0  # deaths of its actor seen when it was sent: tells one death from the next
+    merge: bool = False  # may absorb the merge-tasks queued right behind it when it is sent
 
 
 class RolloutPool:
@@ -215,11 +216,14 @@ class RolloutPool:
 
     # ---- requests --------------------------------------------------------------------------------
     def submit(self, requests: list[RolloutRequest], sampling: SamplingConfig | None = None,
-               chunk: int | None = None) -> list[int]:
+               chunk: int | None = None, merge: bool = False) -> list[int]:
         """Queue requests; returns one ticket per request (results come back from `poll`).
 
         chunk: requests per task (default: spread over the actors, at most `rollout.max_batch_requests`).
         Smaller tasks stream back sooner; larger ones batch better in the engine.
+        merge: when an actor frees up, the merge-tasks waiting in the queue (same sampling) go to it as
+        one engine batch, up to `rollout.max_batch_requests` requests: requests that trickle in one by
+        one (the adversarial ones of a step) then batch as well as the backlog allows.
         """
         sampling = sampling or self.cfg.rollout.sampling
         if chunk is None:
@@ -227,7 +231,7 @@ class RolloutPool:
         tickets = list(range(self.next_ticket, self.next_ticket + len(requests)))
         self.next_ticket += len(requests)
         for i in range(0, len(requests), chunk):
-            self.queue.append(_Task(tickets[i:i + chunk], requests[i:i + chunk], sampling))
+            self.queue.append(_Task(tickets[i:i + chunk], requests[i:i + chunk], sampling, merge=merge))
         self._dispatch()
         return tickets
 
@@ -249,6 +253,11 @@ class RolloutPool:
             if load[slot] >= self._INFLIGHT:
                 return
             task = self.queue.popleft()
+            while (task.merge and self.queue and self.queue[0].merge and self.queue[0].sampling == task.sampling
+                   and len(task.requests) + len(self.queue[0].requests) <= self.cfg.rollout.max_batch_requests):
+                nxt = self.queue.popleft()
+                task = _Task(task.tickets + nxt.tickets, task.requests + nxt.requests, task.sampling,
+                             max(task.attempts, nxt.attempts), merge=True)
             actor = self.actors[slot]
             task.attempts += 1
             task.epoch = self.epochs[slot]

@@ -104,7 +104,7 @@ def saei_step(parts: Parts, prompts: list[Prompt], step: int, progress: float) -
             attack_metrics.append(result.metrics)
             req = RolloutRequest(prompts[i], n_adv, request_seed(cfg.run.seed, step, i, True), image=result.image,
                                  adversarial=True)
-            adv.update({t: i for t in pool.submit([req], chunk=1)})
+            adv.update({t: i for t in pool.submit([req], chunk=1, merge=True)})
     t_generated = time.perf_counter()
     rollout = pool.take_stats()
 

@@ -110,3 +110,19 @@ def test_resize_adds_actors_with_current_weights(pool):
     pool.resize(2)
     two, _ = pool.generate(requests, chunk=1)
     assert _ids(one) == _ids(want) == _ids(two)
+
+
+def test_queued_merge_requests_go_out_as_one_batch_with_the_same_samples(pool):
+    requests = [RolloutRequest(prompt=p, n=2, seed=31 + i) for i, p in enumerate(_prompts(8))]
+    want, _ = pool.generate(requests, chunk=1)
+    pool.take_stats()
+    # 2 actors x 2 tasks in flight take the first 4; the other 4 wait and leave together
+    tickets = [pool.submit([r], chunk=1, merge=True)[0] for r in requests]
+    got: dict[int, list] = {}
+    while pool.pending:
+        for ticket, samples in pool.poll(timeout=None):
+            got[ticket] = samples
+    stats = pool.take_stats()
+    assert sorted(got) == tickets
+    assert _ids([got[t] for t in tickets]) == _ids(want)  # batching changes no sample
+    assert stats.samples == 16 and len(stats.engine_seconds) == 5  # 4 single calls + 1 merged call
