@@ -40,7 +40,9 @@ def run_one(name: str, seed: int, out: Path, overrides: list[str]) -> Path:
         return done[-1].parent
     cmd = [sys.executable, "-m", "cluster.train", "--config", str(REPO / "configs" / f"{name}.yaml"),
            f"run.output_dir={root}", f"run.name={name}", f"run.seed={seed}", "logging.progress_bar=false",
-           "cluster.dashboard=false", *overrides]
+           "cluster.dashboard=false",
+           # every config starts from the same bootstrapped policy, whose accuracy the bootstrap logs
+           "run.eval_before_train=false", *overrides]
     # the shared artefacts (data, bootstrapped policy) stay where default.yaml puts them
     cmd += ["model.path=runs/tiny_policy/bootstrap", "data.train_files=[runs/data/synthetic/train.parquet]",
             "data.test_files=[runs/data/synthetic/test.parquet]"]

@@ -3,7 +3,7 @@
 Joins the Ray cluster named by `cluster.address` or `RAY_ADDRESS` (as under `ray job submit`), or
 starts a local one on 127.0.0.1 (dashboard on 127.0.0.1). Builds the synthetic data and the tiny
 policy when the config asks for them and they are missing, starts the rollout pool, the adversary
-and the learner group, runs `run.steps` steps of cluster.pipeline.saei_step, evaluates every
+and the learner group, runs `run.steps` steps of cluster.pipeline.saei_step, evaluates before the first step and every
 `run.eval_every` steps, checkpoints every `run.save_every` steps and at the end, writes
 metrics.jsonl, TensorBoard events, PNG curves and summary.json into the run folder, and exits 0.
 `--help-config` prints every key of the config tree with its documentation.
@@ -148,6 +148,12 @@ def train(cfg: Config) -> dict:
     ckpt = None
     bar = tqdm(range(first_step, cfg.run.steps + 1), desc=run_dir.name, disable=not cfg.logging.progress_bar,
                dynamic_ncols=True)
+    baseline: dict = {}
+    if cfg.run.eval_before_train and first_step == 1:
+        evals = baseline = evaluate(pool, cfg, test_prompts, 0)
+        sink.log(0, evals)
+        log.info("before training: greedy accuracy %.3f, pass@%d %.3f", evals["eval/accuracy"], cfg.rollout.eval_k,
+                 evals["eval/pass@k"])
     for step in bar:
         wanted = ray.get(controller.take_request.remote())
         if wanted and wanted != pool.size:
@@ -176,6 +182,7 @@ def train(cfg: Config) -> dict:
         "run_dir": str(run_dir), "steps": cfg.run.steps, "seconds": time.perf_counter() - t_start,
         "checkpoint": str(ckpt), "policy": str(ckpt / "hf"), "plots": [str(p) for p in plots],
         "final": {k: v for k, v in {**last, **evals}.items() if v is not None},
+        "before_training": baseline,
     }
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     controller.report.remote({"state": "finished", "step": cfg.run.steps})
@@ -211,6 +218,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"metrics:     {summary['run_dir']}/metrics.jsonl, TensorBoard in {summary['run_dir']}/tensorboard")
     shown = ("reward/clean", "reward/adversarial", "entropy/clean", "entropy/adversarial", "eval/accuracy",
              "eval/pass@k")
+    before = summary["before_training"]
+    if before:
+        print("before:      " + ", ".join(f"{k}={before[k]:.4f}" for k in ("eval/accuracy", "eval/pass@k")))
     print("final:       " + ", ".join(f"{k}={final[k]:.4f}" for k in shown if k in final))
     return 0
 

@@ -38,6 +38,9 @@ class RunConfig:
     """Number of training steps (one step = one batch of prompts through the SaEI loop)."""
     eval_every: int = 10
     """Evaluate on the test split every this many steps (0: only at the end)."""
+    eval_before_train: bool = True
+    """Evaluate once before the first step (logged as step 0): the baseline the curves start from.
+    Skipped when resuming."""
     save_every: int = 0
     """Write a checkpoint every this many steps (0: only at the end)."""
     resume_from: str | None = None
