@@ -3,9 +3,10 @@
 Joins the Ray cluster named by `cluster.address` or `RAY_ADDRESS` (as under `ray job submit`), or
 starts a local one on 127.0.0.1 (dashboard on 127.0.0.1). Builds the synthetic data and the tiny
 policy when the config asks for them and they are missing, starts the rollout pool, the adversary
-and the learner group, runs `run.steps` steps of cluster.pipeline.saei_step, evaluates before the first step and every
-`run.eval_every` steps, checkpoints every `run.save_every` steps and at the end, writes
-metrics.jsonl, TensorBoard events, PNG curves and summary.json into the run folder, and exits 0.
+and the learner group, runs `run.steps` steps of cluster.pipeline.saei_step, evaluates before the
+first step and every `run.eval_every` steps, checkpoints every `run.save_every` steps and at the
+end, writes metrics.jsonl, TensorBoard events, PNG curves and summary.json into the run folder, and
+exits 0.
 `--help-config` prints every key of the config tree with its documentation.
 """
 
