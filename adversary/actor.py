@@ -4,8 +4,8 @@ It loads its own copy of the policy from a local folder (the same one the rollou
 takes new weights from the learner through `load_weights`. Like the rollout actors it keeps the
 version of the weights it holds, and every attack names the version it needs with a reference to
 those weights: when Ray restarts the actor (its `__init__` loads the folder's weights again) the
-next attack catches up first, so a restart never attacks with a stale policy. Resources (CPU / GPU share) come from
-`cluster.adversary_cpus` / `cluster.adversary_gpus` via `create_adversary_actor`.
+next attack catches up first, so a restart never attacks with a stale policy. Resources (CPU / GPU
+share) come from `cluster.adversary_cpus` / `cluster.adversary_gpus` via `create_adversary_actor`.
 """
 
 from __future__ import annotations
