@@ -132,7 +132,8 @@ class RolloutConfig:
     n_adv: int = 6
     """Responses sampled per prompt on the adversarial image (n2; 0 = vanilla GRPO)."""
     engine: str = "hf"
-    """Inference engine: hf (transformers generate, the CPU default) or vllm (GPU)."""
+    """Inference engine: hf (transformers generate: the embedded CPU default, fastest for the tiny policy)
+    or vllm (the production engine: GPU, or its CPU build; see the README's "Which engine")."""
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     """Sampling parameters for training rollouts."""
     eval_k: int = 4
@@ -141,8 +142,12 @@ class RolloutConfig:
     """Fraction of GPU memory vLLM may take (it shares the GPU with the learner and the adversary)."""
     tensor_parallel_size: int = 1
     """vLLM tensor parallelism per rollout worker."""
-    enforce_eager: bool = False
-    """vLLM without CUDA graphs / torch.compile (faster start, slower decode)."""
+    enforce_eager: bool | None = None
+    """vLLM without CUDA graphs / torch.compile (faster start, slower decode); None: eager on CPU, not on GPU."""
+    kv_cache_gb: float | None = None
+    """KV cache of each vLLM engine in GiB (None: on GPU what gpu_memory_utilization leaves, on CPU 1)."""
+    max_model_len: int | None = None
+    """Longest prompt + response a vLLM engine serves (None: the model's own limit)."""
     max_batch_requests: int = 64
     """Most requests one engine call batches together (bounds memory of the HF engine)."""
     stream_chunk: int = 2
@@ -527,8 +532,10 @@ def validate(cfg: Config) -> None:
     check(c.max_restarts >= 0, "cluster.max_restarts", "must be >= 0")
     for key in ("rollout_cpus", "rollout_gpus", "adversary_cpus", "adversary_gpus", "learner_cpus", "learner_gpus"):
         check(getattr(c, key) >= 0, f"cluster.{key}", "must be >= 0")
-    if r.engine == "vllm" and c.rollout_gpus <= 0:
-        problems.append("cluster.rollout_gpus: the vllm engine needs a GPU per rollout worker (got 0)")
+    if r.kv_cache_gb is not None and r.kv_cache_gb <= 0:
+        problems.append(f"rollout.kv_cache_gb: must be > 0 or null (got {r.kv_cache_gb!r})")
+    if r.max_model_len is not None and r.max_model_len < 1:
+        problems.append(f"rollout.max_model_len: must be >= 1 or null (got {r.max_model_len!r})")
     if c.weight_sync == "nccl" and r.engine != "vllm":
         problems.append("cluster.weight_sync: nccl needs rollout.engine=vllm on GPUs (got engine "
                         f"{r.engine!r})")

