@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -22,7 +23,7 @@ import ray
 import torch
 from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
 
-from actors.engines import GenerationRequest, make_engine
+from actors.engines import EngineDied, GenerationRequest, make_engine
 from core.batch import Prompt, Sample
 from core.config import Config, SamplingConfig
 from core.policy import chat_prompt, load_processor
@@ -123,7 +124,9 @@ class RolloutActor:
 
     Ray may restart the actor at any time (its `__init__` then loads the folder's weights again), so
     every call names the weights version it needs and carries a reference to them: a restarted
-    actor catches up before it serves, whether or not a task of the pool failed.
+    actor catches up before it serves, whether or not a task of the pool failed. An engine whose own
+    processes died (vLLM's engine core: killed, out of memory) cannot serve again: the actor then
+    exits, Ray restarts it with a fresh engine, and the pool sends the lost requests again.
     """
 
     def __init__(self, model_path: str, cfg: Config):
@@ -140,12 +143,25 @@ class RolloutActor:
 
     def generate(self, requests: list[RolloutRequest], sampling: SamplingConfig, version: int = 0,
                  weights: list[ray.ObjectRef] | None = None) -> tuple[list[list[Sample]], dict]:
-        self._catch_up(version, weights or [])
-        return self.rollout.generate(requests, sampling)
+        try:
+            self._catch_up(version, weights or [])
+            return self.rollout.generate(requests, sampling)
+        except EngineDied as err:
+            _exit_for_restart(err)
 
     def load_weights(self, weights: dict[str, torch.Tensor], version: int) -> None:
-        self.rollout.load_weights(weights)
+        try:
+            self.rollout.load_weights(weights)
+        except EngineDied as err:
+            _exit_for_restart(err)
         self.version = version
+
+
+def _exit_for_restart(err: EngineDied):
+    """End this actor's process: Ray counts it as a crash and restarts the actor (max_restarts)."""
+    log.error("%s; exiting so that Ray restarts this rollout actor with a fresh engine", err)
+    logging.shutdown()
+    os._exit(1)
 
 
 @dataclass
