@@ -7,6 +7,7 @@ import threading
 import time
 
 import numpy as np
+import pytest
 
 from actors.rollout import RolloutPool
 from adversary.actor import create_adversary_actor
@@ -57,5 +58,39 @@ def test_step_survives_an_adversary_restart(ray_cluster, tiny_policy_dir):
     # every prompt came back with n_clean + n_adv samples
     for m in (first, second):
         assert (m["samples/clean"], m["samples/adversarial"]) == (6, 6)
+    pool.shutdown()
+    ray.kill(adversary)
+
+
+def test_saei_steps_with_vllm_rollouts_follow_the_learner(ray_cluster, tiny_policy_dir):
+    """SaEI steps with vLLM engines in the rollout actors. The pool first serves other weights than the
+    learner's, which `rollout/logprob_diff` (engine vs learner log-probs of the same samples) must show;
+    after the step's weight sync the engine's raw log-probs equal the learner's: the load was exact."""
+    pytest.importorskip("vllm")
+    import torch
+
+    from core.policy import load_policy
+
+    ray = ray_cluster
+    cfg = load_config(None, ["rollout.engine=vllm", "rollout.kv_cache_gb=0.25", "rollout.n_clean=2",
+                             "rollout.n_adv=2", "rollout.sampling.max_new_tokens=8", "learner.num_workers=0",
+                             "learner.micro_batch_size=4", "cluster.rollout_workers=1", "cluster.rollout_cpus=1",
+                             "cluster.adversary_cpus=1"])
+    path = str(tiny_policy_dir)
+    pool = RolloutPool(path, cfg)
+    g = torch.Generator().manual_seed(5)
+    pool.load_weights({k: v + 0.02 * torch.randn(v.shape, generator=g)
+                       for k, v in load_policy(path).state_dict().items()})
+    adversary = create_adversary_actor(path, cfg)
+    parts = Parts(cfg=cfg, pool=pool, learner=LearnerGroup(path, cfg), adversary=adversary)
+    prompts = _prompts(3)
+    metrics = [saei_step(parts, prompts, step=s, progress=s / 3) for s in (1, 2, 3)]
+    assert pool.version == 4
+    for m in metrics:
+        assert (m["samples/clean"], m["samples/adversarial"]) == (6, 6)
+        for k in ("reward/adversarial", "entropy/clean", "entropy/adversarial", "tsec/before", "tsec/after"):
+            assert m[k] is not None and math.isfinite(m[k]), k
+    diffs = [m["rollout/logprob_diff"] for m in metrics]
+    assert diffs[0] > 1e-2 and max(diffs[1:]) < 1e-5, diffs  # measured: ~2e-7 once synced
     pool.shutdown()
     ray.kill(adversary)
