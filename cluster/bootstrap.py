@@ -39,6 +39,7 @@ from core.policy import (
     image_size_limits,
     load_policy,
     load_processor,
+    save_processor,
     vision_special_ids,
 )
 from core.rewards import score
@@ -244,7 +245,7 @@ def bootstrap(cfg: Config, settings: BootstrapSettings | None = None, out: str |
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp, safe_serialization=True)
-    processor.save_pretrained(tmp)
+    save_processor(processor, tmp)
     (tmp / "bootstrap.json").write_text(json.dumps(asdict(result), indent=2))
     (tmp / "bootstrap_samples.txt").write_text(
         "\n".join(f"{p.uid}\tanswer={p.answer}\t{r!r}" for p, r in zip(test[:40], responses[:40])))

@@ -203,19 +203,23 @@ def build_tiny_policy(out_dir: str | os.PathLike, arch: str = "qwen2_vl", seed: 
     image_processor = Qwen2VLImageProcessorPil(min_pixels=TINY_MIN_PIXELS, max_pixels=TINY_MAX_PIXELS)
     processor = _PROCESSORS[arch](image_processor=image_processor, tokenizer=tokenizer,
                                   chat_template=QWEN2_VL_CHAT_TEMPLATE)
-    processor.save_pretrained(out)
-    _standard_processor_files(out, arch)
+    save_processor(processor, out)
     n_params = sum(p.numel() for p in model.parameters())
     log.info("built tiny %s policy (%.2fM parameters, vocab %d) in %s", arch, n_params / 1e6, len(tokenizer), out)
     return out
 
 
-def _standard_processor_files(folder: Path, arch: str) -> None:
-    """Name the standard processor class and write `preprocessor_config.json` as real checkpoints do.
+def save_processor(processor, folder: str | os.PathLike) -> None:
+    """`processor.save_pretrained(folder)`, plus what stock loaders need: the standard processor class
+    name and a `preprocessor_config.json` as real checkpoints have.
 
     The folder must load with stock classes elsewhere (vLLM, AutoProcessor on a host with
-    torchvision), which cannot resolve our no-video subclass.
+    torchvision), which cannot resolve our no-video subclass; vLLM reads the image processor from
+    `preprocessor_config.json` (transformers 5 itself writes only `processor_config.json`).
     """
+    folder = Path(folder)
+    processor.save_pretrained(folder)
+    arch = "qwen2_5_vl" if isinstance(processor, Qwen2_5_VLProcessor) else "qwen2_vl"
     cfg_path = folder / "processor_config.json"
     cfg = json.loads(cfg_path.read_text())
     cfg["processor_class"] = "Qwen2VLProcessor" if arch == "qwen2_vl" else "Qwen2_5_VLProcessor"

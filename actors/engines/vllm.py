@@ -159,6 +159,11 @@ class VLLMEngine:
         from actors.engines import vllm_compat
 
         path = str(model_path)
+        if not os.path.isfile(os.path.join(path, "preprocessor_config.json")):
+            raise FileNotFoundError(
+                f"{path}: no preprocessor_config.json, which vLLM reads the image processor from (transformers 5 "
+                "writes only processor_config.json; core.policy.save_processor writes both). A tiny policy "
+                "bootstrapped before the vLLM engine ran on CPU lacks it: rebuild it with `make bootstrap`.")
         config = AutoConfig.from_pretrained(path, local_files_only=True)
         with torch.device("meta"):  # the names and shapes load_weights must receive, without memory
             self.expected = {k: tuple(v.shape) for k, v in

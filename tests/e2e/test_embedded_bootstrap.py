@@ -26,6 +26,8 @@ def test_bootstrap_cli_gives_a_middling_policy_that_reads_the_image(bootstrapped
     assert 0.2 <= info["accuracy"] <= 0.6, info
     assert info["accuracy"] >= info["blank_accuracy"] + 0.1, info
     assert "bootstrapped policy:" in proc.stdout
+    # the folder loads with stock loaders too (vLLM reads the image processor from this file)
+    assert (tmp_path / "tiny_policy/bootstrap/preprocessor_config.json").is_file()
     # a second run finds the cached policy and does not train again
     again = subprocess.run([sys.executable, "-m", "cluster.bootstrap", f"run.output_dir={tmp_path}"],
                            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)

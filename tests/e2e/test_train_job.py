@@ -58,6 +58,7 @@ def _finite_keys(row: dict, keys: list[str]) -> None:
 @pytest.mark.parametrize("name,extra", [
     ("saei", ["rollout.n_clean=2", "rollout.n_adv=2"]),
     ("grpo", ["rollout.n_clean=4", "rollout.n_adv=0", "adversary.kind=none"]),
+    ("saei_vllm", ["rollout.n_clean=2", "rollout.n_adv=2", "rollout.engine=vllm", "rollout.kv_cache_gb=0.25"]),
 ])
 def test_two_steps_through_the_ray_pipeline(tmp_path, tiny_policy_dir, name, extra):
     proc = subprocess.run(
@@ -71,7 +72,8 @@ def test_two_steps_through_the_ray_pipeline(tmp_path, tiny_policy_dir, name, ext
     evals = [r for r in rows if "eval/accuracy" in r]
     assert [r["step"] for r in steps] == [1, 2] and [r["step"] for r in evals] == [0, 2]  # before training, at the end
     for r in steps:
-        _finite_keys(r, STEP_KEYS + (ADV_KEYS if name == "saei" else []))
+        _finite_keys(r, STEP_KEYS + (ADV_KEYS if name.startswith("saei") else []))
+        assert r["rollout/logprob_diff"] < 1e-4  # the engine serves the learner's weights
         if name == "grpo":
             assert r["reward/adversarial"] is None and r["tsec/before"] is None
     _finite_keys(evals[0], EVAL_KEYS)

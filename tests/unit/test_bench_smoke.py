@@ -30,11 +30,14 @@ def test_learner_bench_prints_ratio(tmp_path):
 
 def test_rollout_bench_prints_ratio(tmp_path):
     out = subprocess.run([sys.executable, str(REPO / "bench/rollout.py"), "--prompts", "2", "--n", "2",
-                          "--new-tokens", "4", "--repeats", "1", "--max-actors", "1", "--cache", str(tmp_path)],
+                          "--new-tokens", "4", "--repeats", "1", "--max-actors", "1", "--cache", str(tmp_path),
+                          "--engines", "hf,vllm"],
                          capture_output=True, text=True, timeout=300, cwd=REPO,
                          env=dict(os.environ, RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0", RAY_AUTH_MODE="disabled"))
     assert out.returncode == 0, out.stderr[-2000:]
-    assert float(re.search(r"^pool_vs_engine_ratio=([0-9.]+)$", out.stdout, re.M).group(1)) > 0
+    for name in ("pool_vs_engine_ratio", "pool_vs_engine_ratio_hf", "pool_vs_engine_ratio_vllm",
+                 "vllm_vs_hf_engine_ratio", "vllm_vs_hf_pool_ratio"):
+        assert float(re.search(rf"^{name}=([0-9.]+)$", out.stdout, re.M).group(1)) > 0, name
 
 
 def test_step_overhead_bench_ends_with_its_ratio(tmp_path):

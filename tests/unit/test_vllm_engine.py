@@ -102,6 +102,15 @@ def test_setup_imports_vllm_and_the_qwen2_vl_image_processor():
     assert smart_resize(112, 112, factor=28) == (112, 112)
 
 
+def test_a_folder_without_preprocessor_config_is_named(folders, tmp_path):
+    from actors.engines.vllm import VLLMEngine
+
+    shutil.copytree(folders[0], tmp_path / "p")
+    (tmp_path / "p" / "preprocessor_config.json").unlink()
+    with pytest.raises(FileNotFoundError, match=r"p: no preprocessor_config.json.*make bootstrap"):
+        VLLMEngine(str(tmp_path / "p"))
+
+
 def test_exact_counts_in_request_order_with_images_of_several_sizes(engine, reference):
     counts = [1, 3, 0, 2, 1, 2]
     requests = _requests(reference.processor, count=len(counts))
