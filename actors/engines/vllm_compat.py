@@ -49,3 +49,15 @@ def ipc_send_weights(llm, weights: dict[str, torch.Tensor]) -> None:
 def ipc_engine_kwargs() -> dict:
     """`LLM(...)` arguments that enable the IPC weight-transfer backend."""
     return {"weight_transfer_config": {"backend": "ipc"}}
+
+
+def reread_env() -> None:
+    """Make vLLM read its environment variables afresh for the next engine.
+
+    An engine core caches vLLM's variables for the whole process once it has started (0.32:
+    `envs.enable_envs_cache`); an in-process engine does so in this process, and a later engine here
+    would otherwise ignore the settings made for it (a multiprocess engine started in-process).
+    """
+    disable = getattr(vllm.envs, "disable_envs_cache", None)
+    if disable is not None:
+        disable()

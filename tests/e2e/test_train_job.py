@@ -107,11 +107,14 @@ def _scrape(port: int) -> str:
 
 
 def test_job_submit_metrics_and_ops_scale(head_node, tiny_policy_dir, tmp_path):
+    """The production engine (vLLM, its CPU build here) under `ray job submit`; scaling adds a vLLM actor."""
+    pytest.importorskip("vllm")
     out = tmp_path / "runs"
     job = subprocess.Popen(
         [str(BIN / "ray"), "job", "submit", "--address", head_node["dashboard"], "--working-dir", str(REPO),
          "--", "python", "-m", "cluster.train", "run.name=submitted", "run.steps=15", "run.eval_every=0",
-         *_overrides(out, tiny_policy_dir, "rollout.n_clean=2", "rollout.n_adv=2")],
+         *_overrides(out, tiny_policy_dir, "rollout.n_clean=2", "rollout.n_adv=2", "rollout.engine=vllm",
+                     "rollout.kv_cache_gb=0.25")],
         env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO)
     ops_env = _env(RAY_ADDRESS=head_node["address"])
 
@@ -145,3 +148,4 @@ def test_job_submit_metrics_and_ops_scale(head_node, tiny_policy_dir, tmp_path):
         assert f"ray_{prometheus_name(key)}" in scraped, key
     rows = [r for r in read_metrics(next(out.glob("submitted-*")) / "metrics.jsonl") if "time/step_s" in r]
     assert rows[0]["rollout/workers"] == 1 and rows[-1]["rollout/workers"] == 2
+    assert max(r["rollout/logprob_diff"] for r in rows) < 1e-4  # engines and learner agree on every step

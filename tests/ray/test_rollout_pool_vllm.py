@@ -28,9 +28,10 @@ def _prompts(k: int) -> list[Prompt]:
     return out
 
 
-def _cfg():
+def _cfg(*extra: str):
     return load_config(None, ["rollout.engine=vllm", "rollout.kv_cache_gb=0.25", "cluster.rollout_workers=2",
-                              "cluster.rollout_cpus=1", "rollout.sampling.max_new_tokens=8", "cluster.max_restarts=2"])
+                              "cluster.rollout_cpus=1", "rollout.sampling.max_new_tokens=8", "cluster.max_restarts=2",
+                              *extra])
 
 
 def _ids(samples_per_request) -> list[list[list[int]]]:
@@ -92,18 +93,26 @@ def test_weights_reach_every_actor_and_a_restarted_one(pool, ray_cluster, tiny_p
     assert _ids(again) == _ids(after)  # ... and loads the current ones before it serves
 
 
-def test_a_dead_engine_restarts_its_actor_and_loses_nothing(pool, ray_cluster):
+def test_a_dead_engine_restarts_its_actor_and_loses_nothing(pool, ray_cluster, tiny_policy_dir):
+    """vLLM's own process layout (engine core and worker in processes of their own, the GPU default):
+    when those processes die, the actor exits, Ray restarts it, and its requests are sent again."""
     ray = ray_cluster
     requests = [RolloutRequest(prompt=p, n=2, seed=7 * i) for i, p in enumerate(_prompts(6))]
-    want, _ = pool.generate(requests, chunk=1)
-    pool.take_stats()
-    pid = _actor_pid(ray, pool.actors[0])
-    engine_procs = [c for c in psutil.Process(pid).children(recursive=True) if c.name().startswith("VLLM")]
-    assert engine_procs, "the actor's vLLM processes were not found"
-    for c in engine_procs:
-        c.kill()
-    psutil.wait_procs(engine_procs, timeout=30)
-    got, stats = pool.generate(requests, chunk=1)
-    assert _ids(got) == _ids(want)  # every request once, with the same samples
-    assert stats.restarts >= 1 and _actor_pid(ray, pool.actors[0]) != pid
-    assert _ids(pool.generate(requests, chunk=1)[0]) == _ids(want)  # the restarted actor serves as before
+    pool.load_weights(load_policy(tiny_policy_dir).state_dict())  # the folder's, as the new pool starts
+    want, _ = pool.generate(requests, chunk=1)  # the in-process engines of the module's pool
+    pool.shutdown()  # frees the two cores for this test's pool
+    mp = RolloutPool(str(tiny_policy_dir), _cfg("rollout.vllm_inprocess=false"), num_actors=1)
+    try:
+        assert _ids(mp.generate(requests, chunk=1)[0]) == _ids(want)  # the same engine either way
+        mp.take_stats()
+        pid = _actor_pid(ray, mp.actors[0])
+        engine_procs = [c for c in psutil.Process(pid).children(recursive=True) if c.name().startswith("VLLM")]
+        assert engine_procs, "the actor's vLLM processes were not found"
+        for c in engine_procs:
+            c.kill()
+        psutil.wait_procs(engine_procs, timeout=30)
+        got, stats = mp.generate(requests, chunk=1)
+        assert _ids(got) == _ids(want)  # every request once, with the same samples
+        assert stats.restarts >= 1 and _actor_pid(ray, mp.actors[0]) != pid
+    finally:
+        mp.shutdown()

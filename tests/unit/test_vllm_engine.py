@@ -186,7 +186,9 @@ def test_weight_load_equals_a_fresh_engine_and_a_teacher_forced_forward(engine, 
     before_greedy = engine.generate(requests, GREEDY)
     before = engine.generate(requests, SAMPLED)
 
-    fresh = make_engine(str(b), load_config(None, ["rollout.engine=vllm", "rollout.kv_cache_gb=0.25"]), "cpu")
+    # its own processes: one in-process engine per process (the module's)
+    fresh = make_engine(str(b), load_config(None, ["rollout.engine=vllm", "rollout.kv_cache_gb=0.25",
+                                                   "rollout.vllm_inprocess=false"]), "cpu")
     want_greedy, want = fresh.generate(requests, GREEDY), fresh.generate(requests, SAMPLED)
     fresh.close()
     assert _ids(want_greedy) != _ids(before_greedy)  # B answers differently from A
@@ -263,15 +265,32 @@ def test_bad_input_is_named_and_the_served_weights_stay(engine, reference, folde
     assert _ids(engine.generate(requests, GREEDY)) == before
 
 
-def test_a_dead_engine_says_so(engine, reference, folders):
-    """Last in the module: kills the shared engine's processes."""
-    killed = [c for c in psutil.Process().children(recursive=True) if c.name().startswith("VLLM")]
-    assert killed, "no engine processes found"
-    for child in killed:
-        child.kill()
-    psutil.wait_procs(killed, timeout=30)
-    requests = _requests(reference.processor, count=2)
-    with pytest.raises(EngineDied, match="vLLM engine died during generate"):
-        engine.generate(requests, GREEDY)
-    with pytest.raises(EngineDied, match="vLLM engine died"):
+def test_multiprocess_engine_equals_the_inprocess_one_and_its_death_is_named(engine, reference, folders):
+    """vLLM's own process layout (engine core and worker processes; the default on GPU) gives the very
+    samples of the in-process engine (the CPU default); killing its processes gives EngineDied."""
+    from actors.engines.vllm import VLLMEngine
+
+    with pytest.raises(RuntimeError, match="one in-process vLLM engine per process"):
+        VLLMEngine(str(folders[0]), kv_cache_gb=0.25)
+
+    assert engine.inprocess and not [c for c in psutil.Process().children(recursive=True)
+                                     if c.name().startswith("VLLM")]
+    requests = _requests(reference.processor, n=2, count=4)
+    mp = VLLMEngine(str(folders[0]), kv_cache_gb=0.25, inprocess=False)
+    try:
+        assert _ids(mp.generate(requests, SAMPLED)) == _ids(engine.generate(requests, SAMPLED))
+        mp.load_weights(load_policy(folders[1]).state_dict())
+        engine.load_weights(load_policy(folders[1]).state_dict())
+        assert _ids(mp.generate(requests, SAMPLED)) == _ids(engine.generate(requests, SAMPLED))
+        killed = [c for c in psutil.Process().children(recursive=True) if c.name().startswith("VLLM")]
+        assert killed, "no engine processes found"
+        for child in killed:
+            child.kill()
+        psutil.wait_procs(killed, timeout=30)
+        with pytest.raises(EngineDied, match="vLLM engine died during generate"):
+            mp.generate(requests, GREEDY)
+        with pytest.raises(EngineDied, match="vLLM engine died"):
+            mp.load_weights(load_policy(folders[0]).state_dict())
+    finally:
+        mp.close()
         engine.load_weights(load_policy(folders[0]).state_dict())
