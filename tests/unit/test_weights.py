@@ -11,7 +11,6 @@ from core.weights import (
     GroupInfo,
     Manifest,
     ManifestMismatch,
-    SyncAborted,
     WeightGroup,
     dtype_name,
     finish,
