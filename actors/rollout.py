@@ -16,6 +16,7 @@ import math
 import os
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -28,6 +29,7 @@ from core.batch import Prompt, Sample
 from core.config import Config, SamplingConfig
 from core.policy import chat_prompt, load_processor
 from core.rewards import score
+from core.weights import GroupInfo, StaleWeights
 
 log = logging.getLogger(__name__)
 
@@ -117,6 +119,14 @@ class Rollout:
     def load_weights(self, weights: dict[str, torch.Tensor]) -> None:
         self.engine.load_weights(weights)
 
+    def receive_weights(self, info: GroupInfo, rank: int) -> int:
+        return self.engine.receive_weights(info, rank)
+
+    @property
+    def weight_ranks(self) -> int:
+        """Ranks this engine takes in a weight group (its worker processes)."""
+        return getattr(self.engine, "ranks", 1)
+
 
 @ray.remote
 class RolloutActor:
@@ -138,6 +148,8 @@ class RolloutActor:
 
     def _catch_up(self, version: int, weights: list[ray.ObjectRef]) -> None:
         if version != self.version:
+            if not weights:  # under broadcast the pool holds no object-store copy until someone needs one
+                raise StaleWeights(f"rollout actor holds weights version {self.version}, the call needs {version}")
             # the ref comes inside a list so that Ray hands it over unresolved: fetched only when needed
             self.load_weights(ray.get(weights[0]), version)
 
@@ -155,6 +167,24 @@ class RolloutActor:
         except EngineDied as err:
             _exit_for_restart(err)
         self.version = version
+
+    def receive_weights(self, info: GroupInfo, rank: int, version: int) -> None:
+        """Receive `version` from the weight group `info` (cluster.weight_sync=broadcast) from `rank` on."""
+        self.version = -1  # until the whole version is in
+        try:
+            got = self.rollout.receive_weights(info, rank)
+        except EngineDied as err:
+            _exit_for_restart(err)
+        if got != version:
+            raise RuntimeError(f"rollout actor: the weight group sent version {got}, the driver announced {version}")
+        self.version, self.group_id = version, info.group_id
+
+    def weight_group_id(self) -> str | None:
+        """The weight group this actor is a member of (None after a restart)."""
+        return getattr(self, "group_id", None)
+
+    def weight_ranks(self) -> int:
+        return self.rollout.weight_ranks
 
 
 def _exit_for_restart(err: EngineDied):
@@ -192,6 +222,8 @@ class RolloutPool:
         self.done: list[tuple[int, list[Sample]]] = []
         self.next_ticket = 0
         self.stats = RolloutStats()
+        # under broadcast: makes an object-store copy of the current weights for an actor that must catch up
+        self.weights_provider: Callable[[], ray.ObjectRef] | None = None
         self.resize(cfg.cluster.rollout_workers if num_actors is None else num_actors)
 
     # ---- membership ------------------------------------------------------------------------------
@@ -228,7 +260,27 @@ class RolloutPool:
             raise RuntimeError("load weights between steps, not while requests are in flight")
         self.weights_ref = weights if isinstance(weights, ray.ObjectRef) else ray.put(weights)
         self.version += 1
-        ray.get([a.load_weights.remote(self.weights_ref, self.version) for a in self.actors])
+        for i, ref in enumerate([a.load_weights.remote(self.weights_ref, self.version) for a in self.actors]):
+            try:
+                ray.get(ref)
+            except (ActorDiedError, ActorUnavailableError, RayActorError) as err:
+                # restarting: every call names the version it needs, with this copy to catch up from
+                log.warning("rollout actor %d died while loading weights (%s); it catches up at its next call",
+                            i, type(err).__name__)
+
+    def announce(self, version: int) -> None:
+        """Every actor received `version` by broadcast (cluster.weight_sync); no object-store copy exists."""
+        if self.inflight or self.queue:
+            raise RuntimeError("sync weights between steps, not while requests are in flight")
+        self.version, self.weights_ref = version, None
+
+    def catch_up_ref(self) -> ray.ObjectRef:
+        """An object-store copy of the weights the actors must serve (made on demand under broadcast)."""
+        if self.weights_ref is None:
+            if self.weights_provider is None:
+                raise RuntimeError(f"no copy of weights version {self.version} to catch up from")
+            self.weights_ref = self.weights_provider()
+        return self.weights_ref
 
     # ---- requests --------------------------------------------------------------------------------
     def submit(self, requests: list[RolloutRequest], sampling: SamplingConfig | None = None,
@@ -292,6 +344,12 @@ class RolloutPool:
                     samples, counts = ray.get(ref)
                 except (ActorDiedError, ActorUnavailableError, RayActorError) as err:
                     self._actor_failed(slot, task, err)
+                    continue
+                except StaleWeights:  # a restarted actor under broadcast: send again with a copy to load
+                    log.warning("rollout actor %d lacks weights version %d; it catches up from the object store",
+                                slot, self.version)
+                    self.catch_up_ref()
+                    self.queue.appendleft(task)
                     continue
                 self.stats.prompt_tokens += counts["prompt_tokens"]
                 self.stats.generated_tokens += counts["generated_tokens"]

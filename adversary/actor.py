@@ -17,6 +17,7 @@ from adversary.attack import Attacker, AttackResult
 from core.batch import Prompt
 from core.config import Config
 from core.policy import load_policy, load_processor
+from core.weights import GroupInfo, StaleWeights
 
 
 @ray.remote
@@ -34,7 +35,9 @@ class AdversaryActor:
         self.version = 0  # 0: the weights of model_path; -1: loaded without a version (unknown)
 
     def _catch_up(self, version: int | None, weights: list[ray.ObjectRef] | None) -> None:
-        if version is not None and version != self.version and weights:
+        if version is not None and version != self.version:
+            if not weights:  # under broadcast no object-store copy exists until someone needs one
+                raise StaleWeights(f"adversary holds weights version {self.version}, the attack needs {version}")
             # the ref comes inside a list so that Ray hands it over unresolved: fetched only when needed
             self.load_weights(ray.get(weights[0]), version)
 
@@ -54,6 +57,19 @@ class AdversaryActor:
     def load_weights(self, named_tensors: dict[str, torch.Tensor], version: int = -1) -> None:
         self.attacker.load_weights(named_tensors)
         self.version = version
+
+    def receive_weights(self, info: GroupInfo, rank: int, version: int) -> None:
+        """Receive `version` from the weight group `info` (cluster.weight_sync=broadcast) as its `rank`."""
+        self.version = -1  # until the whole version is in
+        got = self.attacker.receive_weights(info, rank)
+        if got != version:
+            raise RuntimeError(f"adversary: the weight group sent version {got}, the driver announced {version}")
+        self.version = version
+
+    def weight_group_id(self) -> str | None:
+        """The weight group this actor is a member of (None after a restart)."""
+        group = getattr(self.attacker, "_wgroup", None)
+        return group.info.group_id if group is not None else None
 
     def weights_version(self) -> int:
         return self.version

@@ -22,6 +22,7 @@ from torch.utils.checkpoint import checkpoint
 from adversary.egas import annealed_noise_step, noise_perturb, pgd_attack
 from adversary.pixels import image_to_model_inputs
 from adversary.tsec import selective_entropy, token_entropy
+from core import weights
 from core.batch import Prompt
 from core.config import AdversaryConfig
 from core.policy import chat_prompt, encode_groups, policy_hidden
@@ -104,6 +105,12 @@ class Attacker:
     def load_weights(self, named_tensors: dict[str, torch.Tensor]) -> None:
         """Take the learner's new weights (full state dict, Hugging Face names); strict."""
         self.policy.load_state_dict({k: v.to(self.device) for k, v in named_tensors.items()}, strict=True)
+
+    def receive_weights(self, info: weights.GroupInfo, rank: int) -> int:
+        """Take the learner's new weights from a sync of the weight group `info` (as its `rank`); returns
+        the version. A manifest that does not match the policy raises and changes nothing."""
+        self._wgroup = weights.join(getattr(self, "_wgroup", None), info, rank)
+        return weights.receive_into(self._wgroup, self.policy.state_dict()).version
 
     def selective_objective(self, items: list[tuple[Prompt, list[torch.Tensor]]],
                             places: list[tuple[int, int, int]]):

@@ -12,15 +12,17 @@ from __future__ import annotations
 import logging
 import time
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import ray
 import torch
 
 from actors.rollout import RolloutPool, RolloutRequest
+from cluster.weight_sync import WeightSync
 from core.batch import Group, Prompt, TrainBatch
 from core.config import Config, SamplingConfig
+from core.weights import StaleWeights
 from learner.group import LearnerGroup
 from learner.grpo import group_advantages
 
@@ -39,6 +41,11 @@ class Parts:
     """Learner ranks holding the trainable policy."""
     adversary: object | None
     """AdversaryActor handle (None when n_adv = 0: vanilla GRPO)."""
+    weights: WeightSync = field(init=False)
+    """The weight sync to the pool and the adversary (cluster.weight_sync)."""
+
+    def __post_init__(self) -> None:
+        self.weights = WeightSync(self)
 
 
 def request_seed(run_seed: int, step: int, index: int, adversarial: bool) -> int:
@@ -92,6 +99,11 @@ def saei_step(parts: Parts, prompts: list[Prompt], step: int, progress: float) -
             i = attacks.pop(ref)
             try:
                 result = ray.get(ref)
+            except StaleWeights:  # restarted under broadcast: attack again with a copy to catch up from
+                log.warning("adversary lacks weights version %d; it catches up from the object store", pool.version)
+                pool.catch_up_ref()
+                start_attack(i)
+                continue
             except ray.exceptions.RayActorError as e:
                 # Ray restarts the adversary; the retried attack brings the current weights with it
                 adversary_deaths += 1
@@ -120,18 +132,8 @@ def saei_step(parts: Parts, prompts: list[Prompt], step: int, progress: float) -
     learned = parts.learner.update(batch)
     t_learned = time.perf_counter()
 
-    # 6. the new weights to every rollout actor and the adversary
-    weights = parts.learner.export_weights_ref()
-    adversary_sync = None
-    if parts.adversary is not None:  # tagged with the version the pool is about to serve
-        adversary_sync = parts.adversary.load_weights.remote(weights, pool.version + 1)
-    pool.load_weights(weights)
-    if adversary_sync is not None:
-        try:
-            ray.get(adversary_sync)
-        except ray.exceptions.RayActorError:  # restarted: its next attack catches up on the weights
-            adversary_deaths += 1
-            log.warning("adversary actor died while loading weights; it catches up at its next attack")
+    # 6. the new weights to every rollout actor and the adversary (cluster.weight_sync)
+    synced = parts.weights.sync()
     t_synced = time.perf_counter()
 
     clean_s = [s for g in groups for s in g.clean]
@@ -159,6 +161,8 @@ def saei_step(parts: Parts, prompts: list[Prompt], step: int, progress: float) -
         "adversary/restarts": float(adversary_deaths),
         "rollout/workers": float(pool.size),
         **{k: v for k, v in learned.items() if k.startswith(("actor/", "learner/", "rollout/logprob"))},
+        "weight_sync/bytes": synced["weight_sync/bytes"],
+        "weight_sync/fallbacks": synced["weight_sync/fallbacks"],
         "time/generate_s": t_generated - t_step,
         "time/attack_s": sum(m.get("time/attack_s", 0.0) for m in attack_metrics),
         "time/learn_s": t_learned - t0,

@@ -263,7 +263,14 @@ class ClusterConfig:
     learner_gpus: float = 0.0
     """GPUs per learner rank."""
     weight_sync: str = "object_store"
-    """Weight transport to the actors: object_store (CPU default) or nccl (GPU broadcast)."""
+    """Weight transport to the rollout engines and the adversary: object_store (ray.put once, every actor
+    gets it: the embedded default) or broadcast (a process group from learner rank 0 to every engine's
+    worker processes and the adversary, gloo on CPU, NCCL on GPU; see the README's "Weight sync")."""
+    weight_bucket_mb: float = 512
+    """Bucket size of a broadcast in MiB (one collective per bucket; a larger tensor gets its own)."""
+    weight_sync_timeout_s: float = 120
+    """A broadcast collective that waits longer (a receiver died) fails; the sync then goes through the
+    object store and the next one builds a new group."""
     max_restarts: int = 3
     """Restarts Ray may make of a dead rollout actor."""
     namespace: str = "saei"
@@ -322,7 +329,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "learner.aggregation": ("token-mean", "seq-mean-token-mean"),
     "learner.advantage_scale": ("std", "none"),
     "learner.mixed_precision": ("auto", "float32", "bfloat16"),
-    "cluster.weight_sync": ("object_store", "nccl"),
+    "cluster.weight_sync": ("object_store", "broadcast"),
     "logging.level": ("DEBUG", "INFO", "WARNING", "ERROR"),
 }
 
@@ -539,9 +546,8 @@ def validate(cfg: Config) -> None:
         problems.append(f"rollout.kv_cache_gb: must be > 0 or null (got {r.kv_cache_gb!r})")
     if r.max_model_len is not None and r.max_model_len < 1:
         problems.append(f"rollout.max_model_len: must be >= 1 or null (got {r.max_model_len!r})")
-    if c.weight_sync == "nccl" and r.engine != "vllm":
-        problems.append("cluster.weight_sync: nccl needs rollout.engine=vllm on GPUs (got engine "
-                        f"{r.engine!r})")
+    check(c.weight_bucket_mb > 0, "cluster.weight_bucket_mb", "must be > 0")
+    check(c.weight_sync_timeout_s > 0, "cluster.weight_sync_timeout_s", "must be > 0")
 
     if problems:
         raise ConfigError("invalid config:\n  " + "\n  ".join(problems))

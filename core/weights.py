@@ -38,6 +38,12 @@ class ManifestMismatch(ValueError):
     """The sender's manifest does not match what this receiver serves (names, shapes or dtypes)."""
 
 
+class StaleWeights(RuntimeError):
+    """A rollout actor or the adversary was asked to serve a weights version it does not hold and got no
+    object-store copy to catch up from (a restarted member under `broadcast`): the driver fetches one
+    and sends the call again."""
+
+
 class SyncAborted(RuntimeError):
     """A sync was called off before any weights moved (a receiver rejected the manifest) or failed to load."""
 
@@ -261,3 +267,34 @@ def receive(group: WeightGroup, expected: dict[str, tuple[tuple[int, ...], str]]
 def finish(group: WeightGroup, ok: bool) -> None:
     """A receiver, after loading: tell the sender whether it did (the last collective of a sync)."""
     group.max(int(not ok))
+
+
+def join(current: WeightGroup | None, info: GroupInfo, rank: int) -> WeightGroup:
+    """`current` if it is the group `info` names, else a new membership (a collective: every member of
+    `info` joins at the same time, which the first sync on a new group id does)."""
+    if current is not None and current.info.group_id == info.group_id and current.rank == rank:
+        return current
+    if current is not None:
+        current.close()
+    return WeightGroup(info, rank)
+
+
+def receive_into(group: WeightGroup, state: dict[str, torch.Tensor]) -> Manifest:
+    """A receiver that serves a torch module: copy a sync into `state` (its `state_dict()`, whose tensors
+    share the parameters' memory), tensor by tensor as the buckets arrive, then report back.
+
+    Nothing is copied unless the manifest matches `state` (names, shapes, dtypes) on every receiver. A
+    sync that breaks off mid-way (the sender died) leaves some tensors new: the caller must not serve
+    until a later sync (or the object store) has loaded a whole version.
+    """
+    expected = {k: (tuple(v.shape), dtype_name(v.dtype)) for k, v in state.items()}
+    manifest, tensors = receive(group, expected)
+    ok = False
+    try:
+        with torch.no_grad():
+            for name, t in tensors:
+                state[name].copy_(t)
+        ok = True
+    finally:
+        finish(group, ok)
+    return manifest

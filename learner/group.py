@@ -18,6 +18,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from core.batch import TrainBatch
 from core.config import Config
+from core.weights import GroupInfo
 from learner.worker import LearnerWorker
 
 
@@ -45,6 +46,9 @@ class LearnerActor:
 
     def export_weights(self) -> dict[str, torch.Tensor]:
         return self.worker.export_weights()
+
+    def broadcast_weights(self, info: GroupInfo, version: int, bucket_bytes: int) -> float:
+        return self.worker.broadcast_weights(info, version, bucket_bytes)
 
     def save(self, path: str, client_state: dict | None) -> None:
         self.worker.save(path, client_state)
@@ -108,6 +112,24 @@ class LearnerGroup:
         refs = [a.export_weights.remote() for a in self.actors]
         ray.wait(refs[1:], num_returns=len(refs) - 1)  # the others return {} once the gather is done
         return refs[0]
+
+    def weights_endpoint(self) -> tuple[str, int]:
+        """Address of rank 0's node and a free port on it: where a weight group's store lives."""
+        if self.local is not None:
+            ip = ray.util.get_node_ip_address() if ray.is_initialized() else "127.0.0.1"
+            with socket.socket() as s:
+                s.bind((ip, 0))
+                return ip, s.getsockname()[1]
+        return ray.get(self.actors[0].address.remote())
+
+    def broadcast_weights(self, info: GroupInfo, version: int, bucket_bytes: int, timeout: float | None = None) -> float:
+        """Send the weights as `version` to the weight group `info` (rank 0 is its sender; see
+        LearnerWorker.broadcast_weights). The receivers must be called first: this blocks until every
+        one of them has loaded, or raises. Returns the bytes sent."""
+        if self.local is not None:
+            return self.local.broadcast_weights(info, version, bucket_bytes)
+        return ray.get([a.broadcast_weights.remote(info, version, bucket_bytes) for a in self.actors],
+                       timeout=timeout)[0]
 
     def save(self, path: str, client_state: dict | None = None) -> None:
         """Checkpoint every rank to `path` (see LearnerWorker.save)."""

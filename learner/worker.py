@@ -39,9 +39,11 @@ from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 from torch.utils.checkpoint import checkpoint
 
+from core import weights
 from core.batch import TrainBatch
 from core.config import Config
 from core.policy import chat_prompt, encode_groups, load_policy, load_processor, policy_hidden, resolve_dtype
+from core.weights import GroupInfo
 from learner.grpo import policy_loss
 
 _PREFIX = "policy."  # the state-dict prefix `_Scorer` adds; exported and saved names have none
@@ -345,6 +347,42 @@ class LearnerWorker:
         if self.rank != 0:
             return {}
         return {k[len(_PREFIX):]: v.to(self.export_dtype) for k, v in full.items()}
+
+    def broadcast_weights(self, info: GroupInfo, version: int, bucket_bytes: int) -> float:
+        """Send the weights to every receiver of the weight group `info` as `version` (a collective of the
+        learner ranks; rank 0 is the group's sender). Returns the bytes sent (rank 0) or 0.
+
+        Streamed from the FSDP2 shards: each tensor is gathered (`full_tensor`, every rank) only when its
+        bucket is about to leave, so rank 0 holds one bucket and one tensor, never a second full copy.
+        """
+        sd = self.model.state_dict()
+        names = [k for k in sd if k.startswith(_PREFIX)]
+        meta = [(k[len(_PREFIX):], tuple(sd[k].shape), self.export_dtype) for k in names]
+
+        def gathered():
+            for k in names:
+                v = sd[k]
+                full = v.full_tensor() if isinstance(v, DTensor) else v
+                yield k[len(_PREFIX):], full.detach().to(self.export_dtype)
+
+        if self.rank != 0:
+            for _ in gathered():  # the all-gathers rank 0 drives, in the same order
+                pass
+            return 0.0
+        stream = gathered()
+        try:
+            manifest = weights.send(self._weight_group(info), stream, meta, version, bucket_bytes)
+        except Exception:
+            for _ in stream:  # the other ranks wait in the same all-gathers: let them finish
+                pass
+            raise
+        return float(sum(manifest.bucket_sizes))
+
+    def _weight_group(self, info: GroupInfo) -> weights.WeightGroup:
+        """The weight group of `info` (joined once per group id; a new id replaces the old group)."""
+        if getattr(self, "_wgroup", None) is None or self._wgroup.info.group_id != info.group_id:
+            self._wgroup = weights.WeightGroup(info, rank=0)
+        return self._wgroup
 
     def save(self, path: str, client_state: dict | None = None) -> None:
         """Checkpoint to `path` (a collective): `hf/` a Hugging Face folder of the policy (safetensors),

@@ -44,6 +44,7 @@ from actors.engines.base import (
     end_of_turn_ids,
     sample_seed,
 )
+from core import weights
 from core.config import SamplingConfig
 from core.policy import encode_prompts, load_policy, load_processor, vision_special_ids
 
@@ -228,6 +229,12 @@ class HFEngine:
         check_state_dict(named_tensors, {k: tuple(v.shape) for k, v in self.model.state_dict().items()})
         with torch.no_grad():
             self.model.load_state_dict(named_tensors, strict=True)
+
+    def receive_weights(self, info: weights.GroupInfo, rank: int) -> int:
+        """Replace every weight with a sync of the weight group `info` (this engine is its `rank`); returns
+        the version received. A manifest that does not match the model raises and changes nothing."""
+        self._wgroup = weights.join(getattr(self, "_wgroup", None), info, rank)
+        return weights.receive_into(self._wgroup, self.model.state_dict()).version
 
     def close(self) -> None:
         self.model = None

@@ -82,25 +82,49 @@ def _reload_in_worker(worker, blob: bytes) -> int:
     blob: safetensors bytes of the full state dict (Hugging Face names). Returns the tensors loaded.
     """
     import safetensors.torch
+
+    weights = safetensors.torch.load(bytes(blob))  # on CPU: the loaders copy into the device parameters
+    worker.reload_weights(weights_iterator=iter(weights.items()), is_checkpoint_format=True)
+    _reprocess_tied_heads(worker)
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    return len(weights)
+
+
+def _reprocess_tied_heads(worker) -> None:
+    """A tied LM head shares its Parameter with the embedding, but on CPU its GEMM holds a copy packed
+    from it; the layerwise reload repacks it only if the loader routed `lm_head.weight` to it."""
     from vllm.model_executor.layers.vocab_parallel_embedding import (
         ParallelLMHead,
         UnquantizedEmbeddingMethod,
         VocabParallelEmbedding,
     )
 
-    weights = safetensors.torch.load(bytes(blob))  # on CPU: the loaders copy into the device parameters
-    worker.reload_weights(weights_iterator=iter(weights.items()), is_checkpoint_format=True)
-    # A tied LM head shares its Parameter with the embedding, but on CPU its GEMM holds a copy packed
-    # from it; the layerwise reload repacks it only if the loader routed `lm_head.weight` to it.
     model = worker.model_runner.get_model()
     embeddings = [m for m in model.modules() if type(m) is VocabParallelEmbedding]
     for head in model.modules():
         if (isinstance(head, ParallelLMHead) and isinstance(head.quant_method, UnquantizedEmbeddingMethod)
                 and any(e.weight is head.weight for e in embeddings)):
             head.quant_method.process_weights_after_loading(head)
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-    return len(weights)
+
+
+def _receive_in_worker(worker, info, base_rank: int, expected: dict) -> int:
+    """Runs inside every vLLM worker (sent by collective_rpc): receive a sync of the weight group `info`
+    (core.weights; this worker is rank base_rank + its rank in the engine) and reload it in place,
+    bucket by bucket as it arrives. Returns the version received."""
+    from core import weights
+
+    worker._saei_wgroup = weights.join(getattr(worker, "_saei_wgroup", None), info,
+                                       base_rank + int(getattr(worker, "rank", 0)))
+    manifest, tensors = weights.receive(worker._saei_wgroup, expected)
+    ok = False
+    try:
+        worker.reload_weights(weights_iterator=tensors, is_checkpoint_format=True)
+        _reprocess_tied_heads(worker)
+        ok = True
+    finally:
+        weights.finish(worker._saei_wgroup, ok)
+    return manifest.version
 
 
 def _contiguous_unaliased(named_tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -183,8 +207,10 @@ class VLLMEngine:
         self.stop_ids = end_of_turn_ids(self.tokenizer, generation_config)
         self.banned = vision_special_ids(config)
         self.device = device
+        self.dtype = resolve_dtype(dtype, device)
+        self.ranks = tensor_parallel_size  # worker processes: weight-group ranks this engine takes
         self.weight_transfer = weight_transfer
-        kwargs = dict(model=path, dtype=str(resolve_dtype(dtype, device)).removeprefix("torch."),
+        kwargs = dict(model=path, dtype=str(self.dtype).removeprefix("torch."),
                       tensor_parallel_size=tensor_parallel_size, seed=seed,
                       enforce_eager=(device == "cpu") if enforce_eager is None else enforce_eager,
                       limit_mm_per_prompt={"image": 1, "video": 0}, logprobs_mode="raw_logprobs")
@@ -322,12 +348,37 @@ class VLLMEngine:
 
                 blob = safetensors.torch.save(_contiguous_unaliased(named_tensors))
                 self.llm.collective_rpc(_reload_in_worker, args=(blob,))
-            if not self.llm.reset_prefix_cache():
-                raise RuntimeError("vLLM refused to reset its prefix cache (requests still running?)")
-            self.llm.llm_engine.engine_core.reset_encoder_cache()
-            self.llm.reset_mm_cache()
+            self._reset_caches()
         except EngineDeadError as err:
             raise self._dead(err, "load_weights") from err
+
+    def receive_weights(self, info, rank: int) -> int:
+        """Replace every weight with a sync of the weight group `info` (core.weights), streamed into vLLM's
+        in-place reload in every worker (ranks rank .. rank + self.ranks - 1); returns the version.
+
+        A manifest that does not match this engine (names, shapes, its dtype) raises before any byte
+        moves, and the engine keeps serving its weights. Afterwards every cache is reset, as for
+        load_weights.
+        """
+        from vllm.v1.engine.exceptions import EngineDeadError
+
+        from core.weights import dtype_name
+
+        self._alive("receive_weights")
+        expected = {k: (shape, dtype_name(self.dtype)) for k, shape in self.expected.items()}
+        try:
+            versions = self.llm.collective_rpc(_receive_in_worker, args=(info, rank, expected))
+            self._reset_caches()
+        except EngineDeadError as err:
+            raise self._dead(err, "receive_weights") from err
+        return int(versions[0])
+
+    def _reset_caches(self) -> None:
+        """Every cache that holds results of the old weights (see the module docstring)."""
+        if not self.llm.reset_prefix_cache():
+            raise RuntimeError("vLLM refused to reset its prefix cache (requests still running?)")
+        self.llm.llm_engine.engine_core.reset_encoder_cache()
+        self.llm.reset_mm_cache()
 
     def close(self) -> None:
         """Shut the engine core down and free the memory it held."""

@@ -130,6 +130,8 @@ def test_job_submit_metrics_and_ops_scale(head_node, tiny_policy_dir, tmp_path):
             if status.get("step", 0) >= 1:
                 break
         time.sleep(1)
+    if status.get("step", 0) < 1 and job.poll() is not None:
+        pytest.fail(f"the job ended before its first step (exit {job.returncode}):\n{job.communicate()[0][-4000:]}")
     assert status.get("step", 0) >= 1, (status, job.poll())
     assert status["rollout_workers"] == 1
     scaled = ops("scale", "--rollout-workers", "2", "--wait", "300")
