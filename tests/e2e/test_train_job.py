@@ -151,3 +151,31 @@ def test_job_submit_metrics_and_ops_scale(head_node, tiny_policy_dir, tmp_path):
     rows = [r for r in read_metrics(next(out.glob("submitted-*")) / "metrics.jsonl") if "time/step_s" in r]
     assert rows[0]["rollout/workers"] == 1 and rows[-1]["rollout/workers"] == 2
     assert max(r["rollout/logprob_diff"] for r in rows) < 1e-4  # engines and learner agree on every step
+
+
+def test_broadcast_and_object_store_give_the_same_run(tmp_path, bootstrapped_run):
+    """3 steps with 2 rollout workers, the weights synced by broadcast or through the object store: the
+    same seeds give the same samples and the same metrics. The bootstrapped policy earns rewards, so
+    the learner's weights move every step and a sync that lost anything would change steps 2-3."""
+    policy = bootstrapped_run["path"]
+    assert bootstrapped_run["proc"].returncode == 0, bootstrapped_run["proc"].stderr[-2000:]
+    runs = {}
+    for sync in ("object_store", "broadcast"):
+        proc = subprocess.run(
+            [sys.executable, "-m", "cluster.train", f"run.name={sync}", "run.steps=3", "run.eval_every=0",
+             "run.eval_before_train=false", f"cluster.weight_sync={sync}", "cluster.rollout_workers=2",
+             "cluster.rollout_cpus=0.5", "cluster.adversary_cpus=0.5", "learner.lr=1e-4",
+             *_overrides(tmp_path / sync, policy, "rollout.n_clean=2", "rollout.n_adv=2",
+                         "rollout.sampling.max_new_tokens=24", "data.batch_size=4")],
+            cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-4000:]
+        runs[sync] = [r for r in read_metrics(next((tmp_path / sync).glob(f"{sync}-*")) / "metrics.jsonl")
+                      if "time/step_s" in r]
+    assert [r["step"] for r in runs["broadcast"]] == [1, 2, 3]
+    assert all(r["weight_sync/bytes"] > 0 and r["weight_sync/fallbacks"] == 0 for r in runs["broadcast"])
+    assert all(r["weight_sync/bytes"] == 0 for r in runs["object_store"])
+    timing = ("time/", "rollout/tokens_per_s", "learner/tokens_per_s", "weight_sync/")
+    for a, b in zip(runs["object_store"], runs["broadcast"]):
+        same = {k: a[k] for k in a if not k.startswith(timing)}
+        assert same == {k: b[k] for k in same}, a["step"]
+    assert runs["broadcast"][-1]["reward/mean"] > 0  # the policy earned rewards: its weights moved
