@@ -50,3 +50,13 @@ def test_step_overhead_bench_ends_with_its_ratio(tmp_path):
     assert out.returncode == 0, out.stderr[-2000:]
     last = out.stdout.strip().splitlines()[-1]
     assert re.fullmatch(r"saei_vs_grpo_step_ratio=[0-9.]+", last), last
+
+
+def test_weight_sync_bench_prints_its_ratio():
+    out = subprocess.run([sys.executable, str(REPO / "bench/weight_sync.py"), "--shapes", "tiny", "--repeats", "1",
+                          "--consumers", "2", "--bucket-mb", "1"], capture_output=True, text=True, timeout=300,
+                         cwd=REPO, env=dict(os.environ, RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0", RAY_AUTH_MODE="disabled"))
+    assert out.returncode == 0, out.stderr[-2000:]
+    last = out.stdout.strip().splitlines()[-1]
+    assert re.fullmatch(r"broadcast_vs_object_store=[0-9.]+", last), last
+    assert float(last.split("=")[1]) > 0
