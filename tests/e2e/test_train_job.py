@@ -107,14 +107,15 @@ def _scrape(port: int) -> str:
 
 
 def test_job_submit_metrics_and_ops_scale(head_node, tiny_policy_dir, tmp_path):
-    """The production engine (vLLM, its CPU build here) under `ray job submit`; scaling adds a vLLM actor."""
+    """The production engine (vLLM, its CPU build here) under `ray job submit`, weights by broadcast;
+    scaling adds a vLLM actor, and the weight group is rebuilt with it."""
     pytest.importorskip("vllm")
     out = tmp_path / "runs"
     job = subprocess.Popen(
         [str(BIN / "ray"), "job", "submit", "--address", head_node["dashboard"], "--working-dir", str(REPO),
          "--", "python", "-m", "cluster.train", "run.name=submitted", "run.steps=15", "run.eval_every=0",
          *_overrides(out, tiny_policy_dir, "rollout.n_clean=2", "rollout.n_adv=2", "rollout.engine=vllm",
-                     "rollout.kv_cache_gb=0.25")],
+                     "rollout.kv_cache_gb=0.25", "cluster.weight_sync=broadcast")],
         env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO)
     ops_env = _env(RAY_ADDRESS=head_node["address"])
 
@@ -151,6 +152,7 @@ def test_job_submit_metrics_and_ops_scale(head_node, tiny_policy_dir, tmp_path):
     rows = [r for r in read_metrics(next(out.glob("submitted-*")) / "metrics.jsonl") if "time/step_s" in r]
     assert rows[0]["rollout/workers"] == 1 and rows[-1]["rollout/workers"] == 2
     assert max(r["rollout/logprob_diff"] for r in rows) < 1e-4  # engines and learner agree on every step
+    assert all(r["weight_sync/bytes"] > 0 and r["weight_sync/fallbacks"] == 0 for r in rows)
 
 
 def test_broadcast_and_object_store_give_the_same_run(tmp_path, bootstrapped_run):
