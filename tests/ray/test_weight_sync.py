@@ -11,6 +11,7 @@ goes through the object store, the next one builds a new group), a restarted mem
 import os
 import shutil
 import signal
+import time
 
 import numpy as np
 import pytest
@@ -137,6 +138,19 @@ def _prompts(k):
     return out
 
 
+def _wait_restarted(ray, actor, timeout=120.0):
+    from ray.exceptions import ActorUnavailableError
+
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            return ray.get(actor.ready.remote(), timeout=30)
+        except ActorUnavailableError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.5)
+
+
 def test_a_receiver_killed_mid_broadcast_falls_back_and_the_next_sync_rebuilds(parts, ray_cluster, moved):
     ray = ray_cluster
     parts.weights.sync()  # a working group
@@ -157,6 +171,7 @@ def test_a_receiver_killed_mid_broadcast_falls_back_and_the_next_sync_rebuilds(p
     assert metrics["weight_sync/fallbacks"] == 1 and parts.weights.group is None
     version = parts.pool.version
     want = load_policy(moved).state_dict()
+    _wait_restarted(ray, victim)  # else every request may go to the other actor and the victim never serves
     # every request is answered with this version's weights: the restarted actor catches up first
     requests = [RolloutRequest(p, 1, seed=i) for i, p in enumerate(_prompts(4))]
     parts.pool.generate(requests, chunk=1)
