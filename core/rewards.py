@@ -12,12 +12,18 @@ and regexes that cannot backtrack catastrophically. Nothing is ever evaluated as
 Numeric forms (compared with math.isclose): integers, decimals, signs, thousands commas (`1,000`,
 `1{,}000`), `a/b`, `\\frac{a}{b}` (`\\dfrac`, `\\tfrac`, `\\cfrac`, short `\\frac12`), `\\sqrt{n}`, `\\sqrt n`,
 `\\sqrt[k]{n}`, `k\\sqrt{n}`, `\\frac{k\\sqrt{n}}{m}`, `\\pi` / `π` / `pi` and products like `2\\pi`,
-`+ - * / \\cdot \\times \\div`, parentheses and braces, `x^k` for integer |k| <= MAX_EXPONENT, a leading
-`x =`. Ignored: `$`, `\\left`/`\\right`, spacing commands, degree marks (`^\\circ`, `^{\\circ}`, `°`,
-`\\degree`: `60^\\circ` equals 60), percent signs (`50\\%` equals 50, not 0.5), `\\text{...}` wrappers
-and trailing unit words of two or more letters (`5 cm`, `12 square units`, `60 degrees`). Anything
+`+ - * / \\cdot \\times \\div`, parentheses and braces, `x^k` for integer |k| <= MAX_EXPONENT, mixed numbers
+(`2\\frac{1}{2}` is 2.5), a leading `x =` and chains that agree (`x = 180 - 30 - 40 = 110`).
+Ignored: `$`, `\\left`/`\\right`, spacing commands, degree marks (`^\\circ`, `^{\\circ}`, `°`,
+`\\degree`: `60^\\circ` equals 60), percent signs (`50\\%` equals 50, not 0.5), `\\text{...}` wrappers,
+trailing unit words of two or more letters (`5 cm`, `12 square units`, `60 degrees`) and one-letter units
+wrapped in `\\text{}` / `\\mathrm{}` (`5\\text{ m}`, `25 \\text{ m}^2`; a bare `2x` stays a product). Anything
 else, or a side that does not parse, is compared as normalized text (no spaces, `\\text{}` and `$`
 removed, lower case); multiple-choice letters `(B)`, `B.`, `\\text{B}` all read as `b`.
+
+Hedging never pays: a response that offers more than one answer scores as wrong whatever the
+reference (`is_hedged`): boxes that do not all agree, alternatives inside one box (`x = 7 \\text{ or }
+x = 8`, `7 \\lor 8`, `\\pm 3`, `7; 8`), or another answer offered right after the box (`\\boxed{8} or 7`).
 """
 
 from __future__ import annotations
@@ -49,6 +55,9 @@ class ScoreResult:
     """Whether an answer could be extracted (a non-empty `\\boxed{}` or `<answer>` pair)."""
     extracted: str | None
     """The extracted answer text, stripped; None when there is none."""
+    hedged: bool = False
+    """The response gives more than one answer (boxes that differ, `7 or 8`, an answer after the box):
+    scored as wrong whatever the reference, so hedging never pays."""
 
 
 def score(response: str, answer: str, *, format_weight: float = 0.1, rel_tol: float = 1e-4,
@@ -58,10 +67,12 @@ def score(response: str, answer: str, *, format_weight: float = 0.1, rel_tol: fl
         raise ValueError(f"format_weight must be in [0, 1], got {format_weight}")
     extracted = extract_answer(response)
     format_ok = extracted is not None
-    correct = format_ok and answers_match(extracted, _reference_text(answer), rel_tol=rel_tol, abs_tol=abs_tol)
+    hedged = format_ok and is_hedged(response, rel_tol=rel_tol, abs_tol=abs_tol)
+    correct = (format_ok and not hedged
+               and answers_match(extracted, _reference_text(answer), rel_tol=rel_tol, abs_tol=abs_tol))
     accuracy = 1.0 if correct else 0.0
     reward = (1.0 - format_weight) * accuracy + format_weight * float(format_ok)
-    return ScoreResult(reward=reward, accuracy=accuracy, format_ok=format_ok, extracted=extracted)
+    return ScoreResult(reward=reward, accuracy=accuracy, format_ok=format_ok, extracted=extracted, hedged=hedged)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -90,6 +101,33 @@ def extract_answer(response: str) -> str | None:
     if _BOXED.search(tagged):
         tagged = _last_boxed(tagged) or ""
     return tagged.strip() or None
+
+
+# "... \\boxed{8} or 7", "\\boxed{8} (or 7)": another answer offered right after the last box.
+_AFTER_BOX_HEDGE = re.compile(r"\A[\s(,;.]{0,4}(?:\\text\s*\{\s*)?(?:or|\\lor|\\vee)\b[^0-9]{0,16}[0-9]", re.I)
+MAX_BOXES = 16
+"""Boxes compared with each other for a hedge (a response with more is a hedge)."""
+
+
+def is_hedged(response: str, *, rel_tol: float = 1e-4, abs_tol: float = 1e-6) -> bool:
+    """Whether the response offers more than one answer: boxes that do not all agree, an answer with
+    several alternatives inside it (`x = 7 \\text{ or } x = 8`, `7, 8`), or one offered after the box."""
+    tail = response[-SCAN_CHARS:]
+    boxes = []
+    for m in _BOXED.finditer(tail):
+        content = _group_content(tail, m.end() - 1)
+        if content is not None and content.strip() and not _BOXED.search(content):
+            boxes.append((content.strip(), m.end() - 1 + len(content) + 2))
+        if len(boxes) > MAX_BOXES:
+            return True
+    if not boxes:
+        return False
+    last, end = boxes[-1]
+    if any(not answers_match(b, last, rel_tol=rel_tol, abs_tol=abs_tol) for b, _ in boxes[:-1]):
+        return True
+    if _AFTER_BOX_HEDGE.match(tail[end:end + 40]):
+        return True
+    return _has_alternatives(last)
 
 
 def _last_match(pattern: re.Pattern[str], text: str, endpos: int | None = None) -> re.Match[str] | None:
@@ -220,17 +258,47 @@ def _strip_units(tokens: list[Token]) -> list[Token]:
     return tokens[:end]
 
 
+_HEDGE_WORDS = frozenset({"or", "either", "nor"})
+_HEDGE_COMMANDS = re.compile(r"\\(?:lor|vee|pm|mp)(?![A-Za-z])")
+# `5\text{ m}`, `25 \mathrm{m}^2`: a one-letter word is a unit only when it is wrapped like this (a bare
+# `2x` is a product); it becomes a word of the unit kind that _strip_units drops.
+_TEXT_LETTER = re.compile(r"\\(?:text|textrm|textnormal|mathrm|mbox|operatorname)\s*\{\s*([A-Za-z])\s*\}")
+
+
+def _has_alternatives(answer: str) -> bool:
+    """`7 \\text{ or } 8`, `x = 7 \\text{ or } x = 8`, `\\pm 3`, `7; 8`: more than one answer in one box."""
+    if _HEDGE_COMMANDS.search(answer) or ";" in answer:
+        return True
+    return any(kind == "word" and value.lower() in _HEDGE_WORDS for kind, value in _tokenize(_clean(answer)))
+
+
 def parse_number(text: str) -> float | None:
-    """The value of a whitelisted numeric/LaTeX form, or None. Never evaluates anything as code."""
-    if len(text) > MAX_ANSWER_CHARS:
+    """The value of a whitelisted numeric/LaTeX form, or None. Never evaluates anything as code.
+
+    `x = 5` reads as 5; a chain `x = 180 - 30 - 40 = 110` must agree with itself (every side after the
+    first, and the first when it is a number, has the value of the last), so `x = 7 \\text{ or } x = 8`
+    and `7 = 8` are not numbers (they compare as text, and fail).
+    """
+    if len(text) > MAX_ANSWER_CHARS or _has_alternatives(text):
         return None
-    tokens = _tokenize(_clean(text))
-    for i in range(len(tokens) - 1, -1, -1):  # `x = 5`: the value is what follows the last `=`
-        if tokens[i][0] == "=":
-            tokens = tokens[i + 1:]
-            break
-    tokens = _strip_units(tokens)
-    return _Parser(tokens).parse() if tokens else None
+    tokens = _tokenize(_clean(_TEXT_LETTER.sub(r" \1unit ", text)))
+    sides: list[list[Token]] = [[]]
+    for tok in tokens:
+        if tok[0] == "=":
+            sides.append([])
+        else:
+            sides[-1].append(tok)
+    value = _Parser(_strip_units(sides[-1])).parse() if _strip_units(sides[-1]) else None
+    if value is None or len(sides) == 1:
+        return value
+    for i, raw in enumerate(sides[:-1]):
+        side = _strip_units(raw)
+        other = _Parser(side).parse() if side else None
+        if other is None and i == 0 and raw and raw[0][0] in ("word", "bad") and not any(v in ",;" for _, v in raw):
+            continue  # the first side names what the answer is (`x`, `AB`, `m\\angle 1`)
+        if other is None or not math.isclose(other, value, rel_tol=1e-9, abs_tol=1e-12):
+            return None
+    return value
 
 
 class _ParseError(Exception):
@@ -376,10 +444,33 @@ class _Parser:
             return math.pi
         return _literal(self._digit())
 
+    def _mixed_fraction(self) -> float | None:
+        """`\\frac{1}{2}` (or `\\frac12`) of plain integers with numerator < denominator, right after a
+        whole number: the fractional part of a mixed number (`2\\frac{1}{2}` is 2.5, as written in
+        geometry answers, not 2 * 1/2). Consumed only when it is one."""
+        t = self.toks[self.pos:self.pos + 7]
+        kinds = [k for k, _ in t]
+        if kinds[:1] != ["frac"]:
+            return None
+        if kinds == ["frac", "{", "num", "}", "{", "num", "}"]:
+            num, den, used = t[2][1], t[5][1], 7
+        elif len(t) >= 2 and kinds[1] == "num" and len(t[1][1]) == 2:
+            num, den, used = t[1][1][0], t[1][1][1], 2
+        else:
+            return None
+        if not (num.isdigit() and den.isdigit()) or not 0 < int(num) < int(den):
+            return None
+        self.pos += used
+        return int(num) / int(den)
+
     def _atom(self) -> float:
         kind = self._peek()
         if kind == "num":
-            return _literal(self._take("num"))
+            text = self._take("num")
+            value = _literal(text)
+            if text.isdigit() and (part := self._mixed_fraction()) is not None:
+                return value + part
+            return value
         if kind == "pi":
             self.pos += 1
             return math.pi

@@ -54,12 +54,46 @@ CASES = [
     (r"\boxed{(A)}", "B", 0.1, "(A)"),
     (r"\boxed{1,2}", "12", 0.1, "1,2"),
     (r"\boxed{2 3}", "6", 0.1, "2 3"),
+    # hedges: more than one answer never pays, whichever is right
+    (r"\boxed{x = 7 \text{ or } x = 8}", "8", 0.1, r"x = 7 \text{ or } x = 8"),
+    (r"\boxed{x = 7 \text{ or } x = 8}", "7", 0.1, r"x = 7 \text{ or } x = 8"),
+    (r"\boxed{7 \text{ or } 8}", "8", 0.1, r"7 \text{ or } 8"),
+    (r"\boxed{8 \text{ or more}}", "8", 0.1, r"8 \text{ or more}"),
+    (r"\boxed{7 \lor 8}", "8", 0.1, r"7 \lor 8"),
+    (r"\boxed{\pm 3}", "3", 0.1, r"\pm 3"),
+    (r"\boxed{7; 8}", "8", 0.1, "7; 8"),
+    (r"\boxed{7, 8}", "8", 0.1, "7, 8"),
+    (r"\boxed{7 = 8}", "8", 0.1, "7 = 8"),
+    (r"\boxed{7} \boxed{8}", "8", 0.1, "8"),
+    (r"\boxed{7} \boxed{8}", "7", 0.1, "8"),
+    (r"\boxed{8} or 7", "8", 0.1, "8"),
+    (r"\boxed{8} (or maybe 7)", "8", 0.1, "8"),
+    (r"\boxed{8} \text{ or } 7", "8", 0.1, "8"),
+    # equality chains that agree, labels
+    (r"\boxed{x = 180 - 30 - 40 = 110}", "110", 1.0, "x = 180 - 30 - 40 = 110"),
+    (r"\boxed{m\angle 1 = 50}", "50", 1.0, r"m\angle 1 = 50"),
+    (r"\boxed{AB = 5}", "5", 1.0, "AB = 5"),
+    (r"\boxed{3 + 4 = 7}", "7", 1.0, "3 + 4 = 7"),
+    (r"\boxed{8} or so I think", "8", 1.0, "8"),  # no second answer offered
+    # mixed numbers
+    (r"\boxed{2\frac{1}{2}}", "2.5", 1.0, r"2\frac{1}{2}"),
+    (r"\boxed{2\frac{1}{2}}", "1", 0.1, r"2\frac{1}{2}"),
+    (r"\boxed{13\frac{1}{3}}", r"\frac{40}{3}", 1.0, r"13\frac{1}{3}"),
+    (r"\boxed{-2\frac{1}{2}}", "-2.5", 1.0, r"-2\frac{1}{2}"),
+    (r"\boxed{2\frac12}", "2.5", 1.0, r"2\frac12"),
+    (r"\boxed{2\frac{\sqrt{3}}{2}}", r"\sqrt{3}", 1.0, r"2\frac{\sqrt{3}}{2}"),  # not a mixed number
+    # one-letter units inside \text{} / \mathrm{}
+    (r"\boxed{5\text{ m}}", "5", 1.0, r"5\text{ m}"),
+    (r"\boxed{25 \text{ m}^2}", "25", 1.0, r"25 \text{ m}^2"),
+    (r"\boxed{25 \mathrm{m}^{2}}", "25", 1.0, r"25 \mathrm{m}^{2}"),
+    (r"\boxed{3\frac{1}{4} \text{ m}}", "3.25", 1.0, r"3\frac{1}{4} \text{ m}"),
     # unformatted
     ("The answer is 7", "7", 0.0, None),
     ("7", "7", 0.0, None),
     ("<answer>7", "7", 0.0, None),
     # last boxed wins, nesting, empties, unbalanced
-    (r"\boxed{3} no wait \boxed{7}", "7", 1.0, "7"),
+    (r"\boxed{3} no wait \boxed{7}", "7", 0.1, "7"),  # two different answers: a hedge, never paid
+    (r"\boxed{7} so \boxed{7}", "7", 1.0, "7"),  # the same answer twice is one answer
     (r"\boxed{7} no wait \boxed{3}", "7", 0.1, "3"),
     (r"\boxed{\boxed{7}}", "7", 1.0, "7"),
     (r"\boxed{{7}}", "7", 1.0, "{7}"),
@@ -159,6 +193,10 @@ HOSTILE = {
     "surrogate_like": "\\boxed{\udcff}",
     "minus_run": r"\boxed{" + "-" * 190 + "7}",
     "unary_window": r"\boxed{" + "-" * 3000 + "7}",
+    "many_boxes": r"\boxed{7}" * 2000,
+    "hedge_run": r"\boxed{7} or " * 1000,
+    "or_run": r"\boxed{" + r"7 \text{ or } " * 400 + "}",
+    "equality_chain": r"\boxed{x = " + "= ".join(["7"] * 500) + "}",
     "paren_run": r"\boxed{" + "(" * 100 + "7" + ")" * 99 + "}",
 }
 
@@ -171,7 +209,7 @@ def test_hostile_inputs_bounded(name):
     res = score(response, "7")
     elapsed = time.perf_counter() - t0
     assert isinstance(res, ScoreResult)
-    assert elapsed < 1.0, f"{name} took {elapsed:.3f}s"
+    assert elapsed < 0.1, f"{name} took {elapsed:.3f}s"  # the bound per call; measured <= 3 ms
     assert res.accuracy == 0.0
     assert res.reward in (0.0, 0.1)
     assert not CANARY.exists()
