@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import math
+import socket
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass
 from datetime import timedelta
@@ -170,6 +171,20 @@ class GroupInfo:
     """Every collective of the group gives up after this long."""
 
 
+def _listening_socket(host: str, port: int) -> int:
+    """A socket listening on host:port only; its file descriptor, owned by the caller from then on."""
+    family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+    sock = socket.socket(family, kind, proto)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind(address)
+        sock.listen(1024)
+    except OSError:
+        sock.close()
+        raise
+    return sock.detach()
+
+
 class WeightGroup:
     """A standalone process group of one weight sync membership (see the module docstring)."""
 
@@ -178,11 +193,17 @@ class WeightGroup:
             raise ValueError(f"rank {rank} outside the weight group of {info.world_size}")
         self.info, self.rank = info, rank
         timeout = timedelta(seconds=info.timeout_s)
+        # The store's server listens on every interface unless it is handed a socket: bind one to
+        # info.host (127.0.0.1 on one machine, the node's address on a cluster), never 0.0.0.0.
+        listen_fd = _listening_socket(info.host, info.port) if rank == 0 else None
         self.store = dist.TCPStore(info.host, info.port, info.world_size, is_master=rank == 0, timeout=timeout,
-                                   wait_for_workers=False)
+                                   wait_for_workers=False, master_listen_fd=listen_fd)
         prefixed = dist.PrefixStore(f"saei-weights/{info.group_id}", self.store)
         if info.backend == "gloo":
-            self.pg = dist.ProcessGroupGloo(prefixed, rank, info.world_size, timeout)
+            options = dist.ProcessGroupGloo._Options()
+            options._timeout = timeout
+            options._devices = [dist.ProcessGroupGloo.create_device(hostname=info.host)]  # same: no wildcard
+            self.pg = dist.ProcessGroupGloo(prefixed, rank, info.world_size, options)
             self.device = torch.device("cpu")
         elif info.backend == "nccl":
             options = dist.ProcessGroupNCCL.Options()
