@@ -68,7 +68,7 @@ class SyntheticConfig:
     n_test: int = 200
     """Examples in the synthetic test split."""
     families: list[str] = field(default_factory=lambda: ["count", "arith", "angle", "pythag"])
-    """Task families to draw from: count, arith, angle, pythag."""
+    """Task families to draw from: count, total, more (perceivable by the tiny policy), arith, angle, pythag."""
     difficulty: int = 0
     """Difficulty knob of every family (0 = easiest, up to 3)."""
     image_size: int = 112
@@ -234,6 +234,9 @@ class LearnerConfig:
     """Linear learning-rate warm-up over this many optimizer steps (0: constant lr from the start)."""
     gradient_checkpointing: bool = False
     """Recompute decoder-layer and vision-block activations in backward (for memory, at ~30% compute)."""
+    freeze_vision_tower: bool = False
+    """Keep the vision tower (with its merger) fixed in RL, as EasyR1's `freeze_vision_tower`: only the
+    language model learns. The attack still differentiates through the tower to the pixels."""
     head_chunk: int = 2048
     """Response tokens per chunk of the language-model head in the loss ([chunk, vocab] logits at a time)."""
 

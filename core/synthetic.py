@@ -1,10 +1,18 @@
 """The embedded visual-reasoning task: small PIL-rendered figures whose answers need the image.
 
-Four families, each with a difficulty knob (0 = easiest):
+Six families, each with a difficulty knob (0 = easiest):
 - `count`:  shapes of several colours; "how many <colour> shapes?"            answer: an integer
+- `total`:  shapes of several colours; the red and the blue ones together       answer: a sum of two counts
+- `more`:   shapes of several colours; by how many red outnumber blue           answer: a difference of counts
 - `arith`:  two numbers drawn in the figure; their sum or difference          answer: an integer
 - `angle`:  a triangle with two angles labelled; the third angle              answer: degrees
 - `pythag`: a right triangle with two sides labelled; the third side          answer: integer or \\sqrt{n}
+
+The embedded default trains on count, total and more: the tiny vision tower perceives coloured shapes
+(one shape per merged image token) within the bootstrap's minutes, and total / more put a reasoning
+step (count two colours, then add or subtract) on top, which the bootstrapped policy gets only
+sometimes right: room for RL. The tiny tower does not learn to read drawn digits in that budget
+(arith, angle and pythag stay near their text prior; see the README), so those are for larger policies.
 
 The question text never holds the numbers: only the image does, so a policy that ignores the image
 cannot beat chance. Example i of a split depends only on (seed, split, i), never on how many examples
@@ -25,7 +33,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image, ImageDraw, ImageFont
 
-FAMILIES = ("count", "arith", "angle", "pythag")
+FAMILIES = ("count", "total", "more", "arith", "angle", "pythag")
 
 COLOURS = {
     "red": (220, 40, 40),
@@ -65,13 +73,8 @@ def _centred_text(draw: ImageDraw.ImageDraw, xy: tuple[float, float], text: str,
     draw.text(xy, text, fill=fill, font=_font(size), anchor="mm")
 
 
-def _count(rng: random.Random, size: int, difficulty: int) -> Example:
-    # Difficulty 0 draws only the asked colour (count what is there); each level adds a distractor.
-    n_colours = min(1 + difficulty, len(COLOURS))
-    colours = rng.sample(list(COLOURS), n_colours)
-    target = colours[0]
-    max_each = 4 + difficulty
-    counts = {c: rng.randint(0 if c != target else 1, max_each) for c in colours}
+def _place_shapes(rng: random.Random, size: int, counts: dict[str, int]) -> tuple[Image.Image, dict[str, int]]:
+    """White figure with counts[c] shapes of colour c (in dict order); returns it and what was placed."""
     img = Image.new("RGB", (size, size), (255, 255, 255))
     draw = ImageDraw.Draw(img)
     # One shape per 28-pixel cell: a cell is exactly one merged image token of Qwen2-VL (patch 14,
@@ -80,9 +83,9 @@ def _count(rng: random.Random, size: int, difficulty: int) -> Example:
     r = 10
     cells = [(i, j) for i in range(size // cell) for j in range(size // cell)]
     rng.shuffle(cells)
-    placed = {c: 0 for c in colours}
-    for c in colours:
-        for _ in range(counts[c]):
+    placed = {c: 0 for c in counts}
+    for c, k in counts.items():
+        for _ in range(k):
             if not cells:
                 break
             i, j = cells.pop()
@@ -97,10 +100,50 @@ def _count(rng: random.Random, size: int, difficulty: int) -> Example:
             else:
                 draw.polygon([(cx, cy - r), (cx - r, cy + r), (cx + r, cy + r)], fill=COLOURS[c])
             placed[c] += 1
+    return img, placed
+
+
+def _shapes(n: int, colour: str) -> str:
+    return f"{n} {colour} shape{'' if n == 1 else 's'}"
+
+
+def _count(rng: random.Random, size: int, difficulty: int) -> Example:
+    # Difficulty 0 draws only the asked colour (count what is there); each level adds a distractor.
+    colours = rng.sample(list(COLOURS), min(1 + difficulty, len(COLOURS)))
+    target = colours[0]
+    max_each = 4 + difficulty
+    img, placed = _place_shapes(rng, size, {c: rng.randint(0 if c != target else 1, max_each) for c in colours})
     n = placed[target]
     problem = f"<image>How many {target} shapes are in the figure?"
-    solution = f"There {'is' if n == 1 else 'are'} {n} {target} shape{'' if n == 1 else 's'}. \\boxed{{{n}}}"
+    solution = f"There {'is' if n == 1 else 'are'} {_shapes(n, target)}. \\boxed{{{n}}}"
     return Example("count", problem, str(n), solution, img)
+
+
+def _total(rng: random.Random, size: int, difficulty: int) -> Example:
+    # Two colours to count and add; each difficulty level adds a distractor colour.
+    colours = rng.sample(list(COLOURS), min(2 + difficulty, len(COLOURS)))
+    a, b = colours[:2]
+    max_each = 4 + difficulty
+    img, placed = _place_shapes(rng, size, {c: rng.randint(1 if c in (a, b) else 0, max_each) for c in colours})
+    na, nb = placed[a], placed[b]
+    problem = f"<image>Count the {a} shapes and the {b} shapes together. How many are there?"
+    solution = f"{_shapes(na, a)} and {_shapes(nb, b)}: {na} + {nb} = {na + nb}. \\boxed{{{na + nb}}}"
+    return Example("total", problem, str(na + nb), solution, img)
+
+
+def _more(rng: random.Random, size: int, difficulty: int) -> Example:
+    # Two colours to count and subtract (the first always outnumbers the second); distractors as above.
+    colours = rng.sample(list(COLOURS), min(2 + difficulty, len(COLOURS)))
+    a, b = colours[:2]
+    max_each = 4 + difficulty
+    nb = rng.randint(0, max_each - 1)
+    counts = {a: rng.randint(nb + 1, max_each), b: nb}
+    counts.update({c: rng.randint(0, max_each) for c in colours[2:]})
+    img, placed = _place_shapes(rng, size, counts)  # a and b come first: always placed in full
+    na, nb = placed[a], placed[b]
+    problem = f"<image>By how many do the {a} shapes outnumber the {b} shapes?"
+    solution = f"{_shapes(na, a)} and {_shapes(nb, b)}: {na} - {nb} = {na - nb}. \\boxed{{{na - nb}}}"
+    return Example("more", problem, str(na - nb), solution, img)
 
 
 def _arith(rng: random.Random, size: int, difficulty: int) -> Example:
@@ -191,7 +234,7 @@ def _pythag(rng: random.Random, size: int, difficulty: int) -> Example:
     return Example("pythag", problem, answer, solution, img)
 
 
-_MAKERS = {"count": _count, "arith": _arith, "angle": _angle, "pythag": _pythag}
+_MAKERS = {"count": _count, "total": _total, "more": _more, "arith": _arith, "angle": _angle, "pythag": _pythag}
 _SPLIT_SALT = {"train": 0, "test": 1}
 
 
@@ -264,7 +307,7 @@ def write_dataset(out_dir: str | Path, *, n_train: int = 2000, n_test: int = 200
             write_split(out / "test.parquet", n_test, split="test", **kw))
 
 
-_QUESTION_FAMILY = {"How many ": "count", "What is the ": "arith", "Two angles ": "angle", "The triangle has a right": "pythag"}
+_QUESTION_FAMILY = {"How many ": "count", "Count the ": "total", "By how many ": "more", "What is the ": "arith", "Two angles ": "angle", "The triangle has a right": "pythag"}
 
 
 def family_of(problem: str) -> str | None:

@@ -179,6 +179,8 @@ class LearnerWorker:
             policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             policy.train()  # transformers checkpoints layers only in training mode; Qwen2-VL has no dropout
         policy.requires_grad_(trainable)
+        if trainable and self.lcfg.freeze_vision_tower:
+            policy.model.visual.requires_grad_(False)
         mp = MixedPrecisionPolicy(param_dtype=self.param_dtype, reduce_dtype=torch.float32)
         for block in policy.model.visual.blocks:
             fully_shard(block, mesh=self.mesh, mp_policy=mp)

@@ -237,3 +237,15 @@ def test_train_batch_rejects_inconsistent_input():
     with pytest.raises(ValueError, match="empty response"):
         TrainBatch(b.problems, b.images, [torch.zeros(0, dtype=torch.long)] + b.responses[1:], b.context,
                    b.advantages)
+
+
+def test_freeze_vision_tower_keeps_the_tower_and_trains_the_rest(tiny_policy_dir):
+    worker = LearnerWorker(tiny_policy_dir, _cfg("learner.freeze_vision_tower=true"))
+    before = {k: v.clone() for k, v in _params(worker).items()}  # the export may alias the live weights
+    worker.update(_batch(seed=4))
+    after = _params(worker)
+    tower = [k for k in before if k.startswith("model.visual.")]
+    rest = [k for k in before if not k.startswith("model.visual.")]
+    assert tower and rest
+    assert all(torch.equal(before[k], after[k]) for k in tower)
+    assert sum(not torch.equal(before[k], after[k]) for k in rest) > len(rest) // 2

@@ -72,6 +72,19 @@ def test_count_answer_matches_pixels():
         assert _blobs(hit) == int(ex.answer)
 
 
+@pytest.mark.parametrize("family,difficulty", [("total", 0), ("total", 2), ("more", 0), ("more", 2)])
+def test_two_colour_answers_match_pixels(family, difficulty):
+    # total: blobs of both asked colours added; more: the first's minus the second's (always > 0)
+    for i in range(12):
+        ex = synthetic.make_example(i, families=(family,), difficulty=difficulty)
+        a, b = re.findall(r"the (\w+) shapes", ex.problem)
+        px = np.asarray(ex.image)
+        na, nb = (_blobs(np.all(px == np.array(synthetic.COLOURS[c], dtype=np.uint8), axis=-1)) for c in (a, b))
+        assert int(ex.answer) == (na + nb if family == "total" else na - nb)
+        assert family == "total" or int(ex.answer) >= 1
+        assert f"{na} {'+' if family == 'total' else '-'} {nb} = {ex.answer}" in ex.solution
+
+
 def _blobs(mask: np.ndarray) -> int:
     seen = np.zeros_like(mask)
     count = 0
