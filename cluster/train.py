@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 
 from core.config import Config, ConfigError, describe, load_config, to_yaml
+from core.data import DataError
 
 log = logging.getLogger("cluster.train")
 
@@ -93,6 +94,10 @@ def init_ray(cfg: Config):
     return ray
 
 
+class InputError(ValueError):
+    """The job's input (data files, model folder) is unusable; raised before Ray starts."""
+
+
 def train(cfg: Config) -> dict:
     """The whole job; returns the summary (also written to <run dir>/summary.json)."""
     import ray
@@ -108,16 +113,18 @@ def train(cfg: Config) -> dict:
     from learner.group import LearnerGroup
 
     t_start = time.perf_counter()
-    ensure_data(cfg)
-    model_path = str(ensure_policy(cfg, progress=cfg.logging.progress_bar))
+    try:  # everything a user gave is checked here, before Ray starts
+        ensure_data(cfg)
+        model_path = str(ensure_policy(cfg, progress=cfg.logging.progress_bar))
+        processor = load_processor(model_path)
+        train_prompts = load_split(cfg, processor, cfg.data.train_files, cfg.data.limit_train)
+        test_prompts = load_split(cfg, processor, cfg.data.test_files, cfg.data.limit_test)
+    except (DataError, FileNotFoundError, ValueError, OSError) as e:
+        raise InputError(f"{type(e).__name__}: {e}") from e
     run_dir = run_dir_for(cfg)
     run_dir.mkdir(parents=True)
     (run_dir / "config.yaml").write_text(to_yaml(cfg))
     log.info("run folder %s", run_dir)
-
-    processor = load_processor(model_path)
-    train_prompts = load_split(cfg, processor, cfg.data.train_files, cfg.data.limit_train)
-    test_prompts = load_split(cfg, processor, cfg.data.test_files, cfg.data.limit_test)
     init_ray(cfg)
     controller = start_controller(cfg.cluster.namespace, run_dir.name, cfg.cluster.rollout_workers)
 
@@ -211,7 +218,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     logging.basicConfig(level=getattr(logging, cfg.logging.level, logging.INFO),
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    summary = train(cfg)
+    try:
+        summary = train(cfg)
+    except InputError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     final = summary["final"]
     print(f"\nrun folder:  {summary['run_dir']}  ({summary['seconds']:.0f} s, {summary['steps']} steps)")
     print(f"checkpoint:  {summary['checkpoint']}  (Hugging Face folder: {summary['policy']})")

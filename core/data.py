@@ -8,7 +8,8 @@ Two formats, chosen by file extension (or `fmt=`):
   (the chat messages, as a list or as a JSON string of it) and `answer`, optional `id` (unused: the
   uid is `<file name>:<row>`) and `solution`. The problem is the user messages' text parts joined in
   order, with `<image>` where the image part stood. Image paths are relative to the file's folder (or
-  `image_root`); `file://` and `data:` URIs are accepted, remote URLs are not fetched.
+  `image_root`) and must stay inside it; `file://` and `data:` URIs are accepted, remote URLs are not
+  fetched.
 
 Answers of both formats are stripped of one outer `<answer>...</answer>` and then one outer
 `\\boxed{...}` wrapper (`<answer>\\boxed{3}</answer>` -> `3`); numbers are written as text.
@@ -61,6 +62,7 @@ MAX_IMAGE_PIXELS = 100_000_000
 
 SKIP_KINDS = {
     "bad_json": "a line that is not UTF-8 JSON, or a `message` string that is not JSON",
+    "image_outside_root": "an image path that resolves outside the image folder (data file's folder or image_root)",
     "bad_type": "a field of the wrong type (row not an object, problem not a string, ...)",
     "missing_field": "a required field absent, null or empty (problem, answer, message)",
     "no_image": "no image in the row",
@@ -320,6 +322,12 @@ def _resolve_image_path(ref: str, base: str) -> str | io.BytesIO:
         raise DataError("missing_image_file", f"remote image URLs are not fetched: {ref}")
     ref = ref.removeprefix("file://")
     full = os.path.join(base, ref)  # an absolute ref stays as it is
+    # A data file is untrusted input: its paths must not reach files outside the image folder
+    # (`../../home/user/.ssh/id_rsa`, `/etc/shadow`, or a symlink out of it).
+    root = os.path.realpath(base)
+    if os.path.commonpath([root, os.path.realpath(full)]) != root:
+        raise DataError("image_outside_root", f"image path {ref!r} resolves outside the image folder {root} "
+                                              "(set data.image_root to the folder that holds the images)")
     if not os.path.isfile(full):
         raise DataError("missing_image_file", f"image file not found: {full}")
     return full
