@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import re
 from pathlib import Path
 
@@ -40,20 +41,42 @@ def _finite(value) -> float | None:
     return v if math.isfinite(v) else None
 
 
+def _truncate_after(path: Path, step: int) -> None:
+    """Keep the lines of steps <= `step` (and drop a line a kill cut in half); atomic."""
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(row, dict) and isinstance(row.get("step"), int) and row["step"] <= step:
+            kept.append(line)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(x + "\n" for x in kept))
+    os.replace(tmp, path)
+
+
 class MetricsSink:
     """Writes each step's metrics to metrics.jsonl, TensorBoard and Ray gauges (as configured)."""
 
-    def __init__(self, run_dir: str | Path, cfg: LoggingConfig, run_name: str = "saei"):
+    def __init__(self, run_dir: str | Path, cfg: LoggingConfig, run_name: str = "saei", resume_after: int | None = None):
+        """resume_after: the step of the checkpoint a resumed job starts from. Lines and TensorBoard
+        events of later steps (written by the job that was stopped after that checkpoint) are dropped,
+        so the run keeps one metrics file with every step once."""
         self.run_dir = Path(run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.cfg = cfg
         self.run_name = run_name
-        self.jsonl = open(self.run_dir / "metrics.jsonl", "a") if cfg.jsonl else None  # noqa: SIM115
+        path = self.run_dir / "metrics.jsonl"
+        if resume_after is not None and cfg.jsonl and path.exists():
+            _truncate_after(path, resume_after)
+        self.jsonl = open(path, "a") if cfg.jsonl else None  # noqa: SIM115
         self.tb = None
         if cfg.tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.tb = SummaryWriter(log_dir=str(self.run_dir / "tensorboard"))
+            purge = None if resume_after is None else resume_after + 1
+            self.tb = SummaryWriter(log_dir=str(self.run_dir / "tensorboard"), purge_step=purge)
         self.gauges: dict = {}
         self.counters: dict = {}
 

@@ -67,6 +67,38 @@ def run_dir_for(cfg: Config) -> Path:
     return path
 
 
+def _complete(ckpt: Path) -> bool:
+    # trainer_state.json is written last, after every rank's files (LearnerWorker.save)
+    return (ckpt / "trainer_state.json").is_file()
+
+
+def _newest_checkpoint(run_dir: Path) -> Path | None:
+    steps = sorted((p for p in (run_dir / "checkpoints").glob("step_*") if p.is_dir() and _complete(p)),
+                   key=lambda p: p.name)
+    return steps[-1] if steps else None
+
+
+def resolve_checkpoint(cfg: Config) -> Path:
+    """The checkpoint `run.resume_from` names: a checkpoint folder, a run folder (its newest complete
+    checkpoint) or `latest` (the newest complete checkpoint of the newest `<output_dir>/<run.name>-*`
+    run folder that has one). A checkpoint that a kill cut short is never picked."""
+    ref = cfg.run.resume_from
+    if ref == "latest":
+        runs = sorted(Path(cfg.run.output_dir).glob(f"{cfg.run.name}-*"), key=lambda p: p.stat().st_mtime, reverse=True)
+        for run in runs:
+            if (found := _newest_checkpoint(run)) is not None:
+                return found
+        raise FileNotFoundError(f"run.resume_from=latest: no complete checkpoint in {cfg.run.output_dir}/"
+                                f"{cfg.run.name}-*/checkpoints")
+    path = Path(ref)
+    if _complete(path):
+        return path
+    if (path / "checkpoints").is_dir() and (found := _newest_checkpoint(path)) is not None:
+        return found
+    raise FileNotFoundError(f"run.resume_from={ref}: not a complete checkpoint (no trainer_state.json) nor a run "
+                            "folder with one")
+
+
 def init_ray(cfg: Config):
     """Join `cluster.address` / RAY_ADDRESS, or start a local cluster bound to 127.0.0.1."""
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # loopback only, see STACK-NOTES
@@ -119,10 +151,17 @@ def train(cfg: Config) -> dict:
         processor = load_processor(model_path)
         train_prompts = load_split(cfg, processor, cfg.data.train_files, cfg.data.limit_train)
         test_prompts = load_split(cfg, processor, cfg.data.test_files, cfg.data.limit_test)
+        resume = resolve_checkpoint(cfg) if cfg.run.resume_from else None
     except (DataError, FileNotFoundError, ValueError, OSError) as e:
         raise InputError(f"{type(e).__name__}: {e}") from e
-    run_dir = run_dir_for(cfg)
-    run_dir.mkdir(parents=True)
+    resume_step = None
+    if resume is not None:
+        resume_step = int(json.loads((resume / "trainer_state.json").read_text())["client_state"]["step"])
+    if resume is not None and resume.parent.name == "checkpoints":
+        run_dir = resume.parent.parent  # the same run folder: one metrics file, one set of curves
+    else:
+        run_dir = run_dir_for(cfg)
+        run_dir.mkdir(parents=True)
     (run_dir / "config.yaml").write_text(to_yaml(cfg))
     log.info("run folder %s", run_dir)
     init_ray(cfg)
@@ -132,18 +171,18 @@ def train(cfg: Config) -> dict:
     pool = RolloutPool(model_path, cfg)
     adversary = create_adversary_actor(model_path, cfg) if cfg.rollout.n_adv > 0 else None
     parts = Parts(cfg=cfg, pool=pool, learner=learner, adversary=adversary)
-    sink = MetricsSink(run_dir, cfg.logging, run_name=run_dir.name)
+    sink = MetricsSink(run_dir, cfg.logging, run_name=run_dir.name, resume_after=resume_step)
 
     cursor_state = None
     first_step = 1
-    if cfg.run.resume_from:
-        client = learner.load(cfg.run.resume_from)
+    if resume is not None:
+        client = learner.load(str(resume))
         cursor_state, first_step = client.get("cursor"), int(client.get("step", 0)) + 1
         weights = learner.export_weights_ref()
         pool.load_weights(weights)
         if adversary is not None:
             ray.get(adversary.load_weights.remote(weights, pool.version))
-        log.info("resumed from %s at step %d", cfg.run.resume_from, first_step)
+        log.info("resumed from %s at step %d", resume, first_step)
     cursor = Cursor(len(train_prompts), cfg.data.batch_size, cfg.run.seed, cfg.data.shuffle, cursor_state)
 
     def checkpoint(step: int) -> Path:

@@ -44,7 +44,9 @@ class RunConfig:
     save_every: int = 0
     """Write a checkpoint every this many steps (0: only at the end)."""
     resume_from: str | None = None
-    """Checkpoint folder to resume from (exact resume: model, optimizer, RNG and data cursor)."""
+    """Resume from a checkpoint folder, a run folder (its newest complete checkpoint) or `latest` (the newest
+    complete checkpoint of the newest `<output_dir>/<name>-*` run). Exact: model, optimizer, RNG and data
+    cursor; the job continues in the checkpoint's run folder and drops the metrics of later steps."""
 
 
 @dataclass

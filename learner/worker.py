@@ -405,6 +405,8 @@ class LearnerWorker:
         if self.rank == 0:
             self._write_hf(out / "hf", {k: v.to(torch.float32) if self.device.type == "cpu" else v
                                         for k, v in full.items()})
+        dist.barrier()  # every rank's files are in before the marker
+        if self.rank == 0:
             state = {"step": self.step, "scheduler": self.scheduler.state_dict(), "world_size": self.world,
                      "client_state": client_state or {}}
             tmp = out / "trainer_state.json.tmp"
