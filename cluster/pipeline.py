@@ -119,6 +119,7 @@ def saei_step(parts: Parts, prompts: list[Prompt], step: int, progress: float) -
             adv.update({t: i for t in pool.submit([req], chunk=1, merge=True)})
     t_generated = time.perf_counter()
     rollout = pool.take_stats()
+    lost, duplicated = _account(groups, n_clean, n_adv)
 
     # 4. advantages over each prompt's n_clean + n_adv samples
     samples = [s for g in groups for s in g.samples]
@@ -152,6 +153,8 @@ def saei_step(parts: Parts, prompts: list[Prompt], step: int, progress: float) -
         "egas/linf": _mean([m["egas/linf"] for m in attack_metrics if "egas/linf" in m]),
         "samples/clean": float(len(clean_s)),
         "samples/adversarial": float(len(adv_s)),
+        "samples/lost": float(lost),
+        "samples/duplicated": float(duplicated),
         "response_length/mean": _mean([float(s.response_ids.numel()) for s in samples]),
         "response_length/clipped": _mean([float(s.finish_reason == "length") for s in samples]),
         "advantage/zero_frac": float((advantages == 0).float().mean()),
@@ -169,6 +172,19 @@ def saei_step(parts: Parts, prompts: list[Prompt], step: int, progress: float) -
         "time/sync_s": t_synced - t_learned,
         "time/step_s": t_synced - t_step,
     }
+
+
+def _account(groups: list[Group], n_clean: int, n_adv: int) -> tuple[int, int]:
+    """(lost, duplicated) samples against what each group must hold: sample i of its clean request for
+    i < n_clean, of its adversarial one for i < n_adv, all answering its prompt. Restarts and retries
+    must leave both at 0; the metrics say so every step."""
+    lost = duplicated = 0
+    for g in groups:
+        want = {(False, i) for i in range(n_clean)} | {(True, i) for i in range(n_adv)}
+        got = [(s.adversarial, s.index) for s in g.samples if s.prompt_uid == g.prompt.uid]
+        lost += len(want - set(got)) + len(g.samples) - len(got)
+        duplicated += len(got) - len(set(got)) + len(set(got) - want)
+    return lost, duplicated
 
 
 def learner_batch(groups: list[Group], advantages: torch.Tensor, learn_on: str) -> TrainBatch:

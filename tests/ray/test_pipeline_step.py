@@ -58,6 +58,7 @@ def test_step_survives_an_adversary_restart(ray_cluster, tiny_policy_dir):
     # every prompt came back with n_clean + n_adv samples
     for m in (first, second):
         assert (m["samples/clean"], m["samples/adversarial"]) == (6, 6)
+        assert m["samples/lost"] == m["samples/duplicated"] == 0
     pool.shutdown()
     ray.kill(adversary)
 
@@ -88,6 +89,7 @@ def test_saei_steps_with_vllm_rollouts_follow_the_learner(ray_cluster, tiny_poli
     assert pool.version == 4
     for m in metrics:
         assert (m["samples/clean"], m["samples/adversarial"]) == (6, 6)
+        assert m["samples/lost"] == m["samples/duplicated"] == 0
         for k in ("reward/adversarial", "entropy/clean", "entropy/adversarial", "tsec/before", "tsec/after"):
             assert m[k] is not None and math.isfinite(m[k]), k
     diffs = [m["rollout/logprob_diff"] for m in metrics]

@@ -28,3 +28,25 @@ def test_group_orders_clean_then_adversarial_and_pickles():
     back = pickle.loads(pickle.dumps(group))
     assert back.prompt.uid == "p:0" and torch.equal(back.samples[2].response_ids, torch.tensor([3]))
     assert np.array_equal(back.adv_image, group.adv_image)
+
+
+def test_account_counts_lost_and_duplicated_samples():
+    import numpy as np
+    import torch
+
+    from cluster.pipeline import _account
+    from core.batch import Group, Prompt, Sample
+
+    def sample(adv, i, uid="p"):
+        return Sample(prompt_uid=uid, response_ids=torch.tensor([1]), text="", finish_reason="stop",
+                      adversarial=adv, index=i)
+
+    g = Group(prompt=Prompt(uid="p", problem="<image>Q", answer="1", image=np.zeros((56, 56, 3), np.uint8)))
+    g.clean, g.adversarial = [sample(False, 0), sample(False, 1)], [sample(True, 0)]
+    assert _account([g], 2, 1) == (0, 0)
+    g.clean = [sample(False, 0), sample(False, 0)]  # sample 1 lost, sample 0 twice
+    assert _account([g], 2, 1) == (1, 1)
+    g.clean = [sample(False, 0), sample(False, 1), sample(False, 2)]  # one more than asked
+    assert _account([g], 2, 1) == (0, 1)
+    g.clean = [sample(False, 0), sample(False, 1, uid="other")]  # another prompt's sample
+    assert _account([g], 2, 1) == (2, 0)
