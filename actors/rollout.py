@@ -29,7 +29,7 @@ from core.batch import Prompt, Sample
 from core.config import Config, SamplingConfig
 from core.policy import chat_prompt, load_processor
 from core.rewards import score
-from core.weights import GroupInfo, StaleWeights
+from core.weights import GroupInfo, StaleWeights, fingerprint
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +64,8 @@ class RolloutStats:
     """Samples returned."""
     restarts: int = 0
     """Tasks sent again because their actor died."""
+    weights_checked: int = 0
+    """Tasks whose actor's weights fingerprint was checked against the learner's for their version."""
     engine_seconds: list[float] = field(default_factory=list)
     """Engine time of each task (sums over actors can exceed `seconds`)."""
 
@@ -75,7 +77,8 @@ class RolloutStats:
         return {f"{prefix}prompt_tokens": float(self.prompt_tokens),
                 f"{prefix}generated_tokens": float(self.generated_tokens),
                 f"{prefix}seconds": self.seconds, f"{prefix}tokens_per_s": self.tokens_per_s,
-                f"{prefix}samples": float(self.samples), f"{prefix}restarts": float(self.restarts)}
+                f"{prefix}samples": float(self.samples), f"{prefix}restarts": float(self.restarts),
+                f"{prefix}weights_checked": float(self.weights_checked)}
 
 
 class Rollout:
@@ -89,6 +92,7 @@ class Rollout:
         self.cfg = cfg
         self.processor = load_processor(model_path)
         self.engine = make_engine(model_path, cfg, device)
+        self.fingerprint: str | None = None  # core.weights fingerprint of the weights loaded since (None: the folder's)
 
     def generate(self, requests: list[RolloutRequest], sampling: SamplingConfig) -> tuple[list[list[Sample]], dict]:
         """Samples of every request (n each, in order, rewards scored) and the engine's counts."""
@@ -114,13 +118,18 @@ class Rollout:
             out.append(samples)
         stats = self.engine.last_stats
         return out, {"prompt_tokens": int(stats.prompt_tokens), "generated_tokens": generated,
-                     "seconds": time.perf_counter() - t0}
+                     "seconds": time.perf_counter() - t0, "weights": self.fingerprint}
 
     def load_weights(self, weights: dict[str, torch.Tensor]) -> None:
+        self.fingerprint = None
         self.engine.load_weights(weights)
+        self.fingerprint = fingerprint(weights)
 
     def receive_weights(self, info: GroupInfo, rank: int) -> int:
-        return self.engine.receive_weights(info, rank)
+        self.fingerprint = None
+        version = self.engine.receive_weights(info, rank)
+        self.fingerprint = self.engine.received_fingerprint
+        return version
 
     @property
     def weight_ranks(self) -> int:
@@ -157,7 +166,8 @@ class RolloutActor:
                  weights: list[ray.ObjectRef] | None = None) -> tuple[list[list[Sample]], dict]:
         try:
             self._catch_up(version, weights or [])
-            return self.rollout.generate(requests, sampling)
+            out, counts = self.rollout.generate(requests, sampling)
+            return out, {**counts, "version": self.version}
         except EngineDied as err:
             _exit_for_restart(err)
 
@@ -217,6 +227,7 @@ class RolloutPool:
         self.epochs: dict[int, int] = {}  # actor slot -> deaths ever seen in it
         self.weights_ref: ray.ObjectRef | None = None
         self.version = 0  # of the weights the actors must serve (0: the folder's)
+        self.fingerprints: dict[int, str] = {}  # version -> the learner's fingerprint of what it sent
         self.queue: deque[_Task] = deque()
         self.inflight: dict[ray.ObjectRef, tuple[int, _Task]] = {}
         self.done: list[tuple[int, list[Sample]]] = []
@@ -351,6 +362,7 @@ class RolloutPool:
                     self.catch_up_ref()
                     self.queue.appendleft(task)
                     continue
+                self._check_weights(slot, counts)
                 self.stats.prompt_tokens += counts["prompt_tokens"]
                 self.stats.generated_tokens += counts["generated_tokens"]
                 self.stats.engine_seconds.append(counts["seconds"])
@@ -359,6 +371,21 @@ class RolloutPool:
             self._dispatch()
         out, self.done = self.done, []
         return out
+
+    def expect(self, version: int, fingerprint: str | None) -> None:
+        """The learner's fingerprint of `version`: every later answer served at that version is checked."""
+        if fingerprint is not None:
+            self.fingerprints[version] = fingerprint
+
+    def _check_weights(self, slot: int, counts: dict) -> None:
+        """A result served by weights other than the learner's for its version is a bug, never data."""
+        want = self.fingerprints.get(counts.get("version", -1))
+        if want is None or counts.get("weights") is None:
+            return
+        if counts["weights"] != want:
+            raise RuntimeError(f"rollout actor {slot} served weights version {counts['version']} with fingerprint "
+                               f"{counts['weights']}, the learner sent {want}")
+        self.stats.weights_checked += 1
 
     def _actor_failed(self, slot: int, task: _Task, err: Exception) -> None:
         if task.epoch == self.epochs[slot]:  # the first task lost to this death (the others follow)
@@ -403,6 +430,7 @@ class RolloutPool:
         s.seconds += call.seconds
         s.samples += call.samples
         s.restarts += call.restarts
+        s.weights_checked += call.weights_checked
         s.engine_seconds.extend(call.engine_seconds)
 
     def take_stats(self) -> RolloutStats:

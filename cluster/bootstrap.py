@@ -21,6 +21,7 @@ import random
 import shutil
 import sys
 import time
+import zlib
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -65,6 +66,13 @@ class BootstrapSettings:
     """Steps at the start that train only on the `count` family (when the data has it). Measured: mixed
     from the first step, the tiny policy settles on the text prior and ignores the image; counting
     first teaches it to attend to the image tokens, and the full mix then keeps that."""
+    slip_rate: float = 0.6
+    """Share of the `total` / `more` demonstrations whose result is one too high (synthetic.slipped_solution),
+    fixed per example. The data stay correct (the reward scores the right answer); the bootstrapped
+    policy carries the slip: above one half, its greedy answer on those families is mostly the slipped
+    one while sampling still gives the right one, so RL has something a reward can fix and supervised
+    training on these demonstrations cannot. 0 trains on the correct solutions only (measured: 80%
+    greedy accuracy, and RL then has little to add)."""
     eval_batch: int = 50
     """Prompts per greedy generation call in the evaluation."""
     max_new_tokens: int = 40
@@ -191,7 +199,10 @@ def bootstrap(cfg: Config, settings: BootstrapSettings | None = None, out: str |
     rng = random.Random(cfg.run.seed)
     eos = "<|im_end|>"
     texts = [chat_prompt(processor, p.problem, cfg.data.format_prompt) for p in train]
-    targets = [processor.tokenizer(p.solution + eos, add_special_tokens=False)["input_ids"] for p in train]
+    slip = [zlib.crc32(f"slip/{p.uid}".encode()) / 2**32 < st.slip_rate for p in train]  # fixed per example
+    demos = [synthetic.slipped_solution(p.solution, synthetic.family_of(p.problem)) if s else p.solution
+             for p, s in zip(train, slip)]
+    targets = [processor.tokenizer(d + eos, add_special_tokens=False)["input_ids"] for d in demos]
     opt = torch.optim.AdamW(model.parameters(), lr=st.lr, weight_decay=0.01)
 
     def lr_at(step: int) -> float:

@@ -161,6 +161,7 @@ def saei_step(parts: Parts, prompts: list[Prompt], step: int, progress: float) -
         "rollout/tokens_per_s": rollout.generated_tokens / max(t_generated - t_step, 1e-9),
         "rollout/generated_tokens": float(rollout.generated_tokens),
         "rollout/restarts": float(rollout.restarts),
+        "rollout/weights_checked": float(rollout.weights_checked),
         "adversary/restarts": float(adversary_deaths),
         "rollout/workers": float(pool.size),
         **{k: v for k, v in learned.items() if k.startswith(("actor/", "learner/", "rollout/logprob"))},

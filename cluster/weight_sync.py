@@ -63,6 +63,8 @@ class WeightSync:
                 self._object_store(version)
         else:
             self._object_store(version)
+        # what the learner sent: every answer served at this version is checked against it (RolloutPool)
+        self.parts.pool.expect(version, self.parts.learner.weights_fingerprint())
         return {"weight_sync/seconds": time.perf_counter() - t0, "weight_sync/bytes": sent,
                 "weight_sync/fallbacks": float(self.fallbacks)}
 

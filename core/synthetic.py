@@ -26,6 +26,7 @@ from __future__ import annotations
 import io
 import math
 import random
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -264,6 +265,24 @@ def corpus_texts(seed: int = 0, n: int = 1500) -> list[str]:
     texts += ["system\nYou are a helpful assistant.", "user\n", "assistant\n", "Picture 1: ",
               "Put the final answer in \\boxed{}.", "<answer></answer>", "\\frac{}{}", "\\sqrt{}", "^\\circ"]
     return texts
+
+
+_RESULT = re.compile(r"= (-?\d+)\. \\boxed\{(-?\d+)\}$")
+
+
+def slipped_solution(solution: str, family: str | None) -> str:
+    """The worked solution with the reasoning step's slip: the result of `total` / `more` one too high.
+
+    The supervised bootstrap shows this slip in a share of its demonstrations (BootstrapSettings.slip_rate)
+    so that the bootstrapped policy carries a systematic reasoning error that only a reward can reveal:
+    its greedy answer is often the slipped one while sampling still finds the right one. The data files
+    are never changed; other families and unrecognised solutions come back as they are.
+    """
+    m = _RESULT.search(solution)
+    if family not in ("total", "more") or m is None or m.group(1) != m.group(2):
+        return solution
+    wrong = int(m.group(1)) + 1
+    return solution[:m.start()] + f"= {wrong}. \\boxed{{{wrong}}}"
 
 
 def _png(img: Image.Image) -> bytes:

@@ -22,6 +22,7 @@ collective gives up after the group's timeout, so a receiver that dies mid-sync 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import socket
@@ -171,6 +172,41 @@ class GroupInfo:
     """Every collective of the group gives up after this long."""
 
 
+FINGERPRINT_SAMPLES = 4096
+"""Elements of each tensor that enter its fingerprint (evenly strided; all of a smaller tensor)."""
+
+
+class Fingerprint:
+    """An order-independent digest of named tensors: what a receiver loaded, compared with what the
+    learner sent. Each tensor contributes its name, dtype, shape and an evenly strided sample of its
+    values (so a 7B policy costs milliseconds; any optimizer step changes nearly every element)."""
+
+    def __init__(self) -> None:
+        self.parts: dict[str, bytes] = {}
+
+    def update(self, name: str, tensor: torch.Tensor) -> None:
+        flat = tensor.detach().reshape(-1)
+        step = max(1, flat.numel() // FINGERPRINT_SAMPLES)
+        sample = flat[::step][:FINGERPRINT_SAMPLES].to(device="cpu", dtype=torch.float32).contiguous()
+        h = hashlib.blake2b(f"{name}|{dtype_name(tensor.dtype)}|{tuple(tensor.shape)}".encode(), digest_size=16)
+        h.update(sample.numpy().tobytes())
+        self.parts[name] = h.digest()
+
+    def hexdigest(self) -> str:
+        h = hashlib.blake2b(digest_size=8)
+        for name in sorted(self.parts):
+            h.update(self.parts[name])
+        return h.hexdigest()
+
+
+def fingerprint(named: dict[str, torch.Tensor] | Iterable[tuple[str, torch.Tensor]]) -> str:
+    """Fingerprint of a state dict (or of (name, tensor) pairs): equal for equal weights, whatever the order."""
+    fp = Fingerprint()
+    for name, t in (named.items() if isinstance(named, dict) else named):
+        fp.update(name, t)
+    return fp.hexdigest()
+
+
 def _listening_socket(host: str, port: int) -> int:
     """A socket listening on host:port only; its file descriptor, owned by the caller from then on."""
     family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
@@ -192,6 +228,7 @@ class WeightGroup:
         if not 0 <= rank < info.world_size:
             raise ValueError(f"rank {rank} outside the weight group of {info.world_size}")
         self.info, self.rank = info, rank
+        self.last_fingerprint: str | None = None  # of the last version sent or received in full
         timeout = timedelta(seconds=info.timeout_s)
         # The store's server listens on every interface unless it is handed a socket: bind one to
         # info.host (127.0.0.1 on one machine, the node's address on a cluster), never 0.0.0.0.
@@ -243,12 +280,15 @@ def send(group: WeightGroup, named: Iterable[tuple[str, torch.Tensor]], meta: li
                           "the tensor); nothing was sent and every engine keeps its weights")
     it = iter(named)
     pending: dict[str, torch.Tensor] = {}
+    fp = Fingerprint()
     for b in range(len(manifest.bucket_sizes)):
         names = [e.name for e in manifest.entries if e.bucket == b]
         while not set(names) <= set(pending):
             name, t = next(it)
+            fp.update(name, t)
             pending[name] = t
         group.broadcast(pack(manifest, b, {n: pending.pop(n) for n in names}, group.device))
+    group.last_fingerprint = fp.hexdigest()
     if group.max(0):
         raise SyncAborted(f"weights version {version}: a receiver failed to load the weights (see its error)")
     return manifest
@@ -277,10 +317,14 @@ def receive(group: WeightGroup, expected: dict[str, tuple[tuple[int, ...], str]]
                                    "nothing was sent and these weights stay")
 
     def tensors() -> Iterator[tuple[str, torch.Tensor]]:
+        fp = Fingerprint()
         for b, size_b in enumerate(manifest.bucket_sizes):
             buf = torch.empty(size_b, dtype=torch.uint8, device=group.device)
             group.broadcast(buf)
-            yield from unpack(manifest, b, buf)
+            for name, t in unpack(manifest, b, buf):
+                fp.update(name, t)
+                yield name, t
+        group.last_fingerprint = fp.hexdigest()  # of everything received: what the receiver now serves
 
     return manifest, tensors()
 

@@ -50,6 +50,9 @@ class LearnerActor:
     def broadcast_weights(self, info: GroupInfo, version: int, bucket_bytes: int) -> float:
         return self.worker.broadcast_weights(info, version, bucket_bytes)
 
+    def weights_fingerprint(self) -> str | None:
+        return self.worker.weights_fingerprint()
+
     def save(self, path: str, client_state: dict | None) -> None:
         self.worker.save(path, client_state)
 
@@ -112,6 +115,12 @@ class LearnerGroup:
         refs = [a.export_weights.remote() for a in self.actors]
         ray.wait(refs[1:], num_returns=len(refs) - 1)  # the others return {} once the gather is done
         return refs[0]
+
+    def weights_fingerprint(self) -> str | None:
+        """Fingerprint (core.weights) of the weights rank 0 last exported or broadcast."""
+        if self.local is not None:
+            return self.local.weights_fingerprint()
+        return ray.get(self.actors[0].weights_fingerprint.remote())
 
     def weights_endpoint(self) -> tuple[str, int]:
         """Address of rank 0's node and a free port on it: where a weight group's store lives."""

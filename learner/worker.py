@@ -348,7 +348,13 @@ class LearnerWorker:
         full = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
         if self.rank != 0:
             return {}
-        return {k[len(_PREFIX):]: v.to(self.export_dtype) for k, v in full.items()}
+        out = {k[len(_PREFIX):]: v.to(self.export_dtype) for k, v in full.items()}
+        self.last_fingerprint = weights.fingerprint(out)
+        return out
+
+    def weights_fingerprint(self) -> str | None:
+        """core.weights fingerprint of the weights last exported or broadcast (rank 0; None elsewhere)."""
+        return getattr(self, "last_fingerprint", None)
 
     def broadcast_weights(self, info: GroupInfo, version: int, bucket_bytes: int) -> float:
         """Send the weights to every receiver of the weight group `info` as `version` (a collective of the
@@ -372,8 +378,10 @@ class LearnerWorker:
                 pass
             return 0.0
         stream = gathered()
+        group = self._weight_group(info)
         try:
-            manifest = weights.send(self._weight_group(info), stream, meta, version, bucket_bytes)
+            manifest = weights.send(group, stream, meta, version, bucket_bytes)
+            self.last_fingerprint = group.last_fingerprint
         except Exception:
             for _ in stream:  # the other ranks wait in the same all-gathers: let them finish
                 pass

@@ -234,7 +234,9 @@ class HFEngine:
         """Replace every weight with a sync of the weight group `info` (this engine is its `rank`); returns
         the version received. A manifest that does not match the model raises and changes nothing."""
         self._wgroup = weights.join(getattr(self, "_wgroup", None), info, rank)
-        return weights.receive_into(self._wgroup, self.model.state_dict()).version
+        version = weights.receive_into(self._wgroup, self.model.state_dict()).version
+        self.received_fingerprint = self._wgroup.last_fingerprint
+        return version
 
     def close(self) -> None:
         self.model = None

@@ -111,7 +111,7 @@ def _reprocess_tied_heads(worker) -> None:
 def _receive_in_worker(worker, info, base_rank: int, expected: dict) -> int:
     """Runs inside every vLLM worker (sent by collective_rpc): receive a sync of the weight group `info`
     (core.weights; this worker is rank base_rank + its rank in the engine) and reload it in place,
-    bucket by bucket as it arrives. Returns the version received."""
+    bucket by bucket as it arrives. Returns the version received and the fingerprint of what arrived."""
     from core import weights
 
     worker._saei_wgroup = weights.join(getattr(worker, "_saei_wgroup", None), info,
@@ -124,7 +124,7 @@ def _receive_in_worker(worker, info, base_rank: int, expected: dict) -> int:
         ok = True
     finally:
         weights.finish(worker._saei_wgroup, ok)
-    return manifest.version
+    return manifest.version, worker._saei_wgroup.last_fingerprint
 
 
 def _contiguous_unaliased(named_tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -367,11 +367,12 @@ class VLLMEngine:
         self._alive("receive_weights")
         expected = {k: (shape, dtype_name(self.dtype)) for k, shape in self.expected.items()}
         try:
-            versions = self.llm.collective_rpc(_receive_in_worker, args=(info, rank, expected))
+            got = self.llm.collective_rpc(_receive_in_worker, args=(info, rank, expected))
             self._reset_caches()
         except EngineDeadError as err:
             raise self._dead(err, "receive_weights") from err
-        return int(versions[0])
+        self.received_fingerprint = got[0][1]
+        return int(got[0][0])
 
     def _reset_caches(self) -> None:
         """Every cache that holds results of the old weights (see the module docstring)."""

@@ -9,6 +9,7 @@ from core import synthetic
 from core.batch import Prompt
 from core.config import load_config
 from core.policy import load_policy
+from core.weights import fingerprint
 
 
 def _prompts(k: int) -> list[Prompt]:
@@ -96,9 +97,18 @@ def test_new_weights_reach_every_actor_and_a_restarted_one(pool, ray_cluster, ti
     want, _ = fresh.generate(requests, greedy)
     assert _ids(after) == _ids(want)
 
+    pool.expect(pool.version, fingerprint(weights))  # what the learner would report for this version
     ray.kill(pool.actors[1], no_restart=False)  # comes back with the folder's weights ...
-    again, _ = pool.generate(requests, greedy, chunk=1)
+    again, stats = pool.generate(requests, greedy, chunk=1)
     assert _ids(again) == _ids(want)  # ... and gets the current ones before it serves
+    assert stats.weights_checked == 4  # every task's weights matched the version's fingerprint
+
+    pool.expect(pool.version, fingerprint(load_policy(tiny_policy_dir).state_dict()))  # the learner sent others
+    with pytest.raises(RuntimeError, match=r"served weights version \d+ with fingerprint \w+, the learner sent"):
+        pool.generate(requests, greedy, chunk=1)
+    pool.fingerprints.clear()
+    pool.queue.clear()
+    pool.inflight.clear()
 
 
 def test_resize_adds_actors_with_current_weights(pool):

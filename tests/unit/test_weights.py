@@ -7,6 +7,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
+from core import weights
 from core.weights import (
     GroupInfo,
     Manifest,
@@ -165,3 +166,15 @@ def test_a_receiver_that_dies_mid_sync_does_not_hang_the_sender():
     assert 2 not in results  # it died
     assert results[0][0] != "sent", results  # the sender raised instead of hanging ...
     assert time.monotonic() - t0 < 60  # ... within the group's timeout
+
+
+def test_fingerprint_is_order_free_and_sees_any_change():
+    g = torch.Generator().manual_seed(0)
+    sd = {"a": torch.randn(3, 5, generator=g), "b": torch.randn(100_000, generator=g), "c": torch.zeros(2, dtype=torch.bfloat16)}
+    fp = weights.fingerprint(sd)
+    assert weights.fingerprint(list(reversed(list(sd.items())))) == fp
+    assert weights.fingerprint({k: v.clone() for k, v in sd.items()}) == fp
+    moved = dict(sd, b=sd["b"] + 1e-3)  # an optimizer step moves (nearly) every element
+    assert weights.fingerprint(moved) != fp
+    assert weights.fingerprint(dict(sd, a=sd["a"].double())) != fp  # the dtype is part of it
+    assert weights.fingerprint({"renamed": sd["a"], "b": sd["b"], "c": sd["c"]}) != fp
