@@ -34,9 +34,9 @@ class RunConfig:
     """Folder that holds run folders, the tiny policy and the synthetic data."""
     seed: int = 0
     """Seed of everything random in the run (data order, sampling, attack tie-breaks, init)."""
-    steps: int = 20
+    steps: int = 40
     """Number of training steps (one step = one batch of prompts through the SaEI loop)."""
-    eval_every: int = 10
+    eval_every: int = 20
     """Evaluate on the test split every this many steps (0: only at the end)."""
     eval_before_train: bool = True
     """Evaluate once before the first step (logged as step 0): the baseline the curves start from.
@@ -69,7 +69,7 @@ class SyntheticConfig:
     """Examples in the synthetic train split."""
     n_test: int = 200
     """Examples in the synthetic test split."""
-    families: list[str] = field(default_factory=lambda: ["count", "arith", "angle", "pythag"])
+    families: list[str] = field(default_factory=lambda: ["count", "total", "more"])
     """Task families to draw from: count, total, more (perceivable by the tiny policy), arith, angle, pythag."""
     difficulty: int = 0
     """Difficulty knob of every family (0 = easiest, up to 3)."""
@@ -175,8 +175,11 @@ class TsecConfig:
 class AdversaryConfig:
     kind: str = "pgd"
     """Perturbation: pgd (EgAS), noise (NoisyRollout's Gaussian baseline) or none."""
-    step_size: float = 2 / 255
-    """PGD step size a in [0, 1] pixel units; multiples of 1/255 keep images exact uint8."""
+    step_size: float = 32 / 255
+    """PGD step size a in [0, 1] pixel units; multiples of 1/255 keep images exact uint8. 32/255 is the
+    embedded default's calibration: the tiny policy's selective entropy moves +0.2% under one 2/255 step
+    (the paper's, kept in configs/saei.yaml and the 7B config), +2.8% under 16/255 and +14% under 32/255
+    (bench/attack.py --calibrate)."""
     steps: int = 1
     """PGD steps T (the paper uses 1)."""
     eps: float | None = None
@@ -236,9 +239,11 @@ class LearnerConfig:
     """Linear learning-rate warm-up over this many optimizer steps (0: constant lr from the start)."""
     gradient_checkpointing: bool = False
     """Recompute decoder-layer and vision-block activations in backward (for memory, at ~30% compute)."""
-    freeze_vision_tower: bool = False
+    freeze_vision_tower: bool = True
     """Keep the vision tower (with its merger) fixed in RL, as EasyR1's `freeze_vision_tower`: only the
-    language model learns. The attack still differentiates through the tower to the pixels."""
+    language model learns; the attack still differentiates through the tower to the pixels. On by default
+    for the embedded default (RL's noisy updates blur what the tiny tower learned to see); false trains
+    every weight."""
     head_chunk: int = 2048
     """Response tokens per chunk of the language-model head in the loss ([chunk, vocab] logits at a time)."""
 

@@ -22,7 +22,10 @@ def test_defaults_load_and_are_valid():
     cfg = load_config()
     assert isinstance(cfg, Config)
     assert cfg.rollout.n_clean == 6 and cfg.rollout.n_adv == 6
-    assert cfg.adversary.step_size == pytest.approx(2 / 255)
+    assert cfg.adversary.step_size == pytest.approx(32 / 255)  # the tiny policy's calibration
+    for paper in ("saei.yaml", "geo3k_qwen2_5_vl_7b.yaml"):  # the paper's EgAS: one step of 2/255
+        adv = load_config(REPO / "configs" / paper).adversary
+        assert adv.step_size == pytest.approx(2 / 255) and adv.steps == 1, paper
     assert cfg.adversary.tsec.band == pytest.approx([1 / 3, 2 / 3])
     # interpolation resolved against run.output_dir
     assert cfg.model.path == "runs/tiny_policy/bootstrap"
