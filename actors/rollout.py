@@ -15,6 +15,7 @@ import logging
 import math
 import os
 import time
+import uuid
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -240,7 +241,12 @@ class RolloutPool:
     # ---- membership ------------------------------------------------------------------------------
     def _new_actor(self):
         c = self.cfg.cluster
-        return RolloutActor.options(num_cpus=c.rollout_cpus, num_gpus=c.rollout_gpus, max_restarts=c.max_restarts,
+        # named (rollout-<pool>-<n>): the dashboard and `ray list actors` show which is which, and ops
+        # tooling can reach one by name (`ray.get_actor(name, namespace)`)
+        self.created = getattr(self, "created", 0) + 1
+        self.tag = getattr(self, "tag", None) or uuid.uuid4().hex[:8]
+        return RolloutActor.options(name=f"rollout-{self.tag}-{self.created}", num_cpus=c.rollout_cpus,
+                                    num_gpus=c.rollout_gpus, max_restarts=c.max_restarts,
                                     max_task_retries=0).remote(self.model_path, self.cfg)
 
     def resize(self, k: int) -> None:

@@ -120,6 +120,7 @@ def saei_step(parts: Parts, prompts: list[Prompt], step: int, progress: float) -
     t_generated = time.perf_counter()
     rollout = pool.take_stats()
     lost, duplicated = _account(groups, n_clean, n_adv)
+    novel = _novel_fraction(groups)
 
     # 4. advantages over each prompt's n_clean + n_adv samples
     samples = [s for g in groups for s in g.samples]
@@ -153,6 +154,7 @@ def saei_step(parts: Parts, prompts: list[Prompt], step: int, progress: float) -
         "egas/linf": _mean([m["egas/linf"] for m in attack_metrics if "egas/linf" in m]),
         "samples/clean": float(len(clean_s)),
         "samples/adversarial": float(len(adv_s)),
+        "adversarial/novel_frac": novel,
         "samples/lost": float(lost),
         "samples/duplicated": float(duplicated),
         "response_length/mean": _mean([float(s.response_ids.numel()) for s in samples]),
@@ -186,6 +188,18 @@ def _account(groups: list[Group], n_clean: int, n_adv: int) -> tuple[int, int]:
         lost += len(want - set(got)) + len(g.samples) - len(got)
         duplicated += len(got) - len(set(got)) + len(set(got) - want)
     return lost, duplicated
+
+
+def _novel_fraction(groups: list[Group]) -> float | None:
+    """Share of adversarial responses that no clean response of their prompt matches token for token:
+    what the perturbed image changed in what the policy says (None without adversarial samples)."""
+    novel = total = 0
+    for g in groups:
+        clean = {tuple(s.response_ids.tolist()) for s in g.clean}
+        for s in g.adversarial:
+            total += 1
+            novel += tuple(s.response_ids.tolist()) not in clean
+    return novel / total if total else None
 
 
 def learner_batch(groups: list[Group], advantages: torch.Tensor, learn_on: str) -> TrainBatch:

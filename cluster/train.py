@@ -130,6 +130,10 @@ class InputError(ValueError):
     """The job's input (data files, model folder) is unusable; raised before Ray starts."""
 
 
+class JobStopped(RuntimeError):
+    """The job cannot go on (a learner rank died); the message says which checkpoint to resume from."""
+
+
 def train(cfg: Config) -> dict:
     """The whole job; returns the summary (also written to <run dir>/summary.json)."""
     import ray
@@ -142,7 +146,7 @@ def train(cfg: Config) -> dict:
     from cluster.ops import start_controller
     from cluster.pipeline import Parts, evaluate, saei_step
     from core.policy import load_processor
-    from learner.group import LearnerGroup
+    from learner.group import LearnerGroup, LearnerRankDied
 
     t_start = time.perf_counter()
     try:  # everything a user gave is checked here, before Ray starts
@@ -180,6 +184,7 @@ def train(cfg: Config) -> dict:
         cursor_state, first_step = client.get("cursor"), int(client.get("step", 0)) + 1
         weights = learner.export_weights_ref()
         pool.load_weights(weights)
+        pool.expect(pool.version, learner.weights_fingerprint())
         if adversary is not None:
             ray.get(adversary.load_weights.remote(weights, pool.version))
         log.info("resumed from %s at step %d", resume, first_step)
@@ -201,24 +206,31 @@ def train(cfg: Config) -> dict:
         sink.log(0, evals)
         log.info("before training: greedy accuracy %.3f, pass@%d %.3f", evals["eval/accuracy"], cfg.rollout.eval_k,
                  evals["eval/pass@k"])
-    for step in bar:
-        wanted = ray.get(controller.take_request.remote())
-        if wanted and wanted != pool.size:
-            log.info("resizing the rollout pool %d -> %d", pool.size, wanted)
-            pool.resize(wanted)
-        prompts = [train_prompts[i] for i in cursor.next()]
-        metrics = saei_step(parts, prompts, step, progress=(step - 1) / max(1, cfg.run.steps - 1))
-        sink.log(step, metrics)
-        last = metrics
-        if step == cfg.run.steps or (cfg.run.eval_every and step % cfg.run.eval_every == 0):
-            evals = evaluate(pool, cfg, test_prompts, step)
-            sink.log(step, evals)
-        if cfg.run.save_every and step % cfg.run.save_every == 0:
-            ckpt = checkpoint(step)
-        controller.report.remote({"state": "running", "step": step, "rollout_workers": pool.size,
-                                  "metrics": {k: v for k, v in {**metrics, **evals}.items() if v is not None}})
-        bar.set_postfix({"reward": f"{metrics['reward/mean'] or 0:.3f}",
-                         "ent": f"{metrics['entropy/clean'] or 0:.2f}", "step_s": f"{metrics['time/step_s']:.1f}"})
+    try:
+        for step in bar:
+            wanted = ray.get(controller.take_request.remote())
+            if wanted and wanted != pool.size:
+                log.info("resizing the rollout pool %d -> %d", pool.size, wanted)
+                pool.resize(wanted)
+            prompts = [train_prompts[i] for i in cursor.next()]
+            metrics = saei_step(parts, prompts, step, progress=(step - 1) / max(1, cfg.run.steps - 1))
+            sink.log(step, metrics)
+            last = metrics
+            if step == cfg.run.steps or (cfg.run.eval_every and step % cfg.run.eval_every == 0):
+                evals = evaluate(pool, cfg, test_prompts, step)
+                sink.log(step, evals)
+            if cfg.run.save_every and step % cfg.run.save_every == 0:
+                ckpt = checkpoint(step)
+            controller.report.remote({"state": "running", "step": step, "rollout_workers": pool.size,
+                                      "metrics": {k: v for k, v in {**metrics, **evals}.items() if v is not None}})
+            bar.set_postfix({"reward": f"{metrics['reward/mean'] or 0:.3f}",
+                             "ent": f"{metrics['entropy/clean'] or 0:.2f}", "step_s": f"{metrics['time/step_s']:.1f}"})
+    except LearnerRankDied as err:
+        bar.close()
+        last = ckpt or (resume if resume is not None else None)
+        raise JobStopped(f"{err}; the job stops (an FSDP group cannot lose a rank). Resume with "
+                         + (f"run.resume_from={last} (or run.resume_from=latest)" if last else
+                            "a new run: no checkpoint was written yet (run.save_every sets how often)")) from err
     bar.close()
 
     if not ckpt or not ckpt.name.endswith(f"{cfg.run.steps:06d}"):
@@ -262,6 +274,10 @@ def main(argv: list[str] | None = None) -> int:
     except InputError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except JobStopped as e:
+        log.error("%s", e)
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     final = summary["final"]
     print(f"\nrun folder:  {summary['run_dir']}  ({summary['seconds']:.0f} s, {summary['steps']} steps)")
     print(f"checkpoint:  {summary['checkpoint']}  (Hugging Face folder: {summary['policy']})")

@@ -28,6 +28,7 @@ import ray
 import torch
 
 from core.weights import GroupInfo, ManifestMismatch
+from learner.group import LearnerRankDied
 
 log = logging.getLogger("cluster.weight_sync")
 
@@ -53,7 +54,7 @@ class WeightSync:
         if self.mode == "broadcast":
             try:
                 sent = self._broadcast(version)
-            except ManifestMismatch:
+            except (ManifestMismatch, LearnerRankDied):
                 raise
             except Exception as err:  # noqa: BLE001 (a dead receiver, a timeout: the object store takes over)
                 self.fallbacks += 1

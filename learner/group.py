@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import socket
+import time
 
 import ray
 import torch
@@ -63,6 +64,35 @@ class LearnerActor:
         self.worker.close()
 
 
+class LearnerRankDied(RuntimeError):
+    """A learner rank's process is gone: the FSDP group cannot go on without it (its shard of the
+    weights and optimizer state went with it), so the job stops and resumes from a checkpoint."""
+
+    def __init__(self, rank: int, call: str, cause: Exception):
+        self.rank, self.call = rank, call
+        super().__init__(f"learner rank {rank} died during {call} ({type(cause).__name__})")
+
+
+def _all_ranks(refs: list, call: str, timeout: float | None = None) -> list:
+    """Every rank's result; the first rank that died is named at once (the others would wait for it in a
+    collective until the group's timeout)."""
+    pending = dict(zip(refs, range(len(refs))))
+    results: list = [None] * len(refs)
+    deadline = None if timeout is None else time.monotonic() + timeout
+    while pending:
+        left = None if deadline is None else max(0.0, deadline - time.monotonic())
+        ready, _ = ray.wait(list(pending), num_returns=1, timeout=left)
+        if not ready:
+            raise ray.exceptions.GetTimeoutError(f"learner {call}: no answer within {timeout} s")
+        for ref in ready:
+            rank = pending.pop(ref)
+            try:
+                results[rank] = ray.get(ref)
+            except ray.exceptions.RayActorError as err:
+                raise LearnerRankDied(rank, call, err) from err
+    return results
+
+
 class LearnerGroup:
     """`learner.num_workers` ranks (0: one in-process worker). Blocking, typed calls."""
 
@@ -102,7 +132,7 @@ class LearnerGroup:
         if self.local is not None:
             return self.local.update(batch)
         ref = ray.put(batch)  # one copy in the object store, every rank reads it
-        return ray.get([a.update.remote(ref) for a in self.actors])[0]
+        return _all_ranks([a.update.remote(ref) for a in self.actors], "update")[0]
 
     def export_weights(self) -> dict[str, torch.Tensor]:
         """The full state dict (Hugging Face names) for the rollout actors and the adversary."""
@@ -137,14 +167,14 @@ class LearnerGroup:
         one of them has loaded, or raises. Returns the bytes sent."""
         if self.local is not None:
             return self.local.broadcast_weights(info, version, bucket_bytes)
-        return ray.get([a.broadcast_weights.remote(info, version, bucket_bytes) for a in self.actors],
-                       timeout=timeout)[0]
+        return _all_ranks([a.broadcast_weights.remote(info, version, bucket_bytes) for a in self.actors],
+                          "broadcast_weights", timeout)[0]
 
     def save(self, path: str, client_state: dict | None = None) -> None:
         """Checkpoint every rank to `path` (see LearnerWorker.save)."""
         if self.local is not None:
             return self.local.save(path, client_state)
-        ray.get([a.save.remote(path, client_state) for a in self.actors])
+        _all_ranks([a.save.remote(path, client_state) for a in self.actors], "save")
 
     def load(self, path: str) -> dict:
         """Resume every rank from `path`; returns the client state saved with it."""

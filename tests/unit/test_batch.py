@@ -50,3 +50,21 @@ def test_account_counts_lost_and_duplicated_samples():
     assert _account([g], 2, 1) == (0, 1)
     g.clean = [sample(False, 0), sample(False, 1, uid="other")]  # another prompt's sample
     assert _account([g], 2, 1) == (2, 0)
+
+
+def test_novel_fraction_counts_adversarial_responses_unlike_every_clean_one():
+    import numpy as np
+    import torch
+
+    from cluster.pipeline import _novel_fraction
+    from core.batch import Group, Prompt, Sample
+
+    def sample(ids, adv):
+        return Sample(prompt_uid="p", response_ids=torch.tensor(ids), text="", finish_reason="stop", adversarial=adv)
+
+    g = Group(prompt=Prompt(uid="p", problem="<image>Q", answer="1", image=np.zeros((56, 56, 3), np.uint8)))
+    g.clean = [sample([1, 2], False), sample([3], False)]
+    g.adversarial = [sample([1, 2], True), sample([1, 2, 9], True), sample([4], True), sample([3], True)]
+    assert _novel_fraction([g]) == 0.5
+    g.adversarial = []
+    assert _novel_fraction([g]) is None

@@ -1,0 +1,175 @@
+"""Chaos: a real `cluster.train` job on a `ray start --head` cluster survives its rollout actors being
+killed again and again (SIGKILL of the process mid-generate, and `ray.kill`) and its adversary being
+SIGKILLed mid-attack, with nothing lost or duplicated; a learner rank that dies stops the job with a
+message naming the rank and the checkpoint to resume from.
+
+Counted from the run's own records (metrics.jsonl): every step holds exactly batch x n_clean clean and
+batch x n_adv adversarial samples, `samples/lost` and `samples/duplicated` are 0 (each group's samples
+checked against its requests), every answer after the first sync came from weights whose fingerprint
+equals the learner's for that version (`rollout/weights_checked`; a mismatch would stop the job), and
+every recovery is a metric (`rollout/restarts`, `adversary/restarts`).
+"""
+
+import json
+import os
+import random
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from cluster.metrics import read_metrics
+
+REPO = Path(__file__).resolve().parents[2]
+BIN = Path(sys.executable).parent
+BATCH, N_CLEAN, N_ADV, STEPS = 4, 2, 2, 8
+
+RAY_KILL = r"""
+import sys, ray
+ray.init(address=sys.argv[1], namespace="saei", log_to_driver=False)
+names = sorted(a["name"] for a in ray.util.list_named_actors(all_namespaces=True) if a["name"].startswith("rollout-"))
+victim = names[int(sys.argv[2]) % len(names)]
+ray.kill(ray.get_actor(victim, namespace="saei"), no_restart=False)
+print("KILLED", victim)
+"""
+
+
+def _env(**extra) -> dict:
+    return dict(os.environ, PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", PYTHONPATH=str(REPO),
+                OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", RAY_AUTH_MODE="disabled", **extra)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def head(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("chaos_head")
+    gcs = _free_port()
+    subprocess.run([str(BIN / "ray"), "start", "--head", f"--port={gcs}", "--node-ip-address=127.0.0.1",
+                    "--num-cpus=4", "--include-dashboard=false", "--disable-usage-stats"],
+                   env=_env(), check=True, capture_output=True, timeout=180, cwd=tmp)
+    yield f"127.0.0.1:{gcs}"
+    subprocess.run([str(BIN / "ray"), "stop", "--force"], env=_env(), capture_output=True, timeout=120)
+
+
+def _job(tmp_path: Path, policy: Path, address: str, name: str, *extra: str) -> subprocess.Popen:
+    data = policy.parents[1] / "data" / "synthetic"
+    cmd = [sys.executable, "-m", "cluster.train", f"run.name={name}", f"run.output_dir={tmp_path}",
+           f"run.steps={STEPS}", "run.eval_every=0", "run.eval_before_train=false", f"model.path={policy}",
+           "model.build_tiny=false", f"data.train_files=[{data / 'train.parquet'}]",
+           f"data.test_files=[{data / 'test.parquet'}]", "data.limit_test=4", f"data.batch_size={BATCH}",
+           f"rollout.n_clean={N_CLEAN}", f"rollout.n_adv={N_ADV}", "rollout.sampling.max_new_tokens=24",
+           "rollout.eval_k=2", "rollout.stream_chunk=1", f"cluster.address={address}", "cluster.rollout_workers=2",
+           "cluster.rollout_cpus=0.5", "cluster.adversary_cpus=0.5", "cluster.max_restarts=20",
+           "logging.progress_bar=false", *extra]
+    log = open(tmp_path / f"{name}.log", "w")  # noqa: SIM115
+    return subprocess.Popen(cmd, cwd=tmp_path, env=_env(), stdout=log, stderr=subprocess.STDOUT)
+
+
+def _busy(prefix: str) -> list[psutil.Process]:
+    """Processes whose Ray title says they are running `prefix` now (e.g. ray::AdversaryActor.attack)."""
+    found = []
+    for p in psutil.process_iter(["cmdline"]):
+        cmd = p.info["cmdline"] or []
+        if cmd and cmd[0].startswith(prefix):
+            found.append(p)
+    return found
+
+
+def _steps_done(tmp_path: Path, name: str) -> int:
+    files = list(tmp_path.glob(f"{name}-*/metrics.jsonl"))
+    return len([r for r in read_metrics(files[0]) if "time/step_s" in r]) if files else 0
+
+
+def _sigkill(procs: list[psutil.Process]) -> bool:
+    for p in procs:
+        try:
+            p.send_signal(signal.SIGKILL)
+            return True
+        except psutil.NoSuchProcess:
+            continue
+    return False
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("engine", ["hf", "vllm"])
+def test_kills_during_a_job_lose_and_duplicate_nothing(bootstrapped_run, head, tmp_path, engine):
+    if engine == "vllm":
+        pytest.importorskip("vllm")
+    assert bootstrapped_run["proc"].returncode == 0, bootstrapped_run["proc"].stderr[-2000:]
+    extra = ["rollout.engine=vllm", "rollout.kv_cache_gb=0.25"] if engine == "vllm" else []
+    job = _job(tmp_path, bootstrapped_run["path"], head, "chaos", *extra)
+    rng = random.Random(0)
+    kills = {"rollout_sigkill": 0, "rollout_ray_kill": 0, "adversary_sigkill": 0}
+    deadline = time.monotonic() + 900
+    try:
+        while _steps_done(tmp_path, "chaos") < 1:  # the first step runs undisturbed
+            assert job.poll() is None, (tmp_path / "chaos.log").read_text()[-4000:]
+            assert time.monotonic() < deadline
+            time.sleep(0.2)
+        plan = ["adversary_sigkill", "rollout_sigkill", "rollout_ray_kill", "rollout_sigkill", "rollout_ray_kill",
+                "adversary_sigkill", "rollout_sigkill"]
+        for what in plan:
+            if job.poll() is not None or _steps_done(tmp_path, "chaos") >= STEPS - 1:
+                break
+            time.sleep(rng.uniform(0.5, 2.0))  # a random point in the step
+            if what == "adversary_sigkill":
+                t_end = time.monotonic() + 30
+                while not _sigkill(_busy("ray::AdversaryActor.attack")) and time.monotonic() < t_end:
+                    time.sleep(0.05)  # wait for an attack to be running: killed mid-attack
+                else:
+                    kills[what] += time.monotonic() < t_end
+            elif what == "rollout_sigkill":
+                kills[what] += _sigkill(_busy("ray::RolloutActor.generate") or _busy("ray::RolloutActor"))
+            else:
+                out = subprocess.run([sys.executable, "-c", RAY_KILL, head, str(rng.randrange(2))], env=_env(),
+                                     capture_output=True, text=True, timeout=120)
+                kills[what] += "KILLED" in out.stdout
+        assert job.wait(timeout=max(60, deadline - time.monotonic())) == 0, (tmp_path / "chaos.log").read_text()[-4000:]
+    finally:
+        if job.poll() is None:
+            job.kill()
+    assert sum(kills.values()) >= 5 and kills["adversary_sigkill"] >= 1 and kills["rollout_ray_kill"] >= 1, kills
+    run = next(tmp_path.glob("chaos-*"))
+    rows = [r for r in read_metrics(run / "metrics.jsonl") if "time/step_s" in r]
+    assert [r["step"] for r in rows] == list(range(1, STEPS + 1))
+    for r in rows:
+        assert (r["samples/clean"], r["samples/adversarial"]) == (BATCH * N_CLEAN, BATCH * N_ADV), r["step"]
+        assert r["samples/lost"] == r["samples/duplicated"] == 0, r["step"]
+        assert r["rollout/logprob_diff"] < 1e-4, r["step"]
+    # after the first sync every answer's weights were checked against the learner's fingerprint
+    assert all(r["rollout/weights_checked"] > 0 for r in rows[1:])
+    restarts = sum(r["rollout/restarts"] for r in rows) + sum(r["adversary/restarts"] for r in rows)
+    assert restarts >= 1 and sum(r["adversary/restarts"] for r in rows) >= 1, (kills, rows[-1])
+    (tmp_path / "kills.json").write_text(json.dumps(kills))
+    print("kills", kills, "rollout restarts", sum(r["rollout/restarts"] for r in rows),
+          "adversary restarts", sum(r["adversary/restarts"] for r in rows))
+
+
+@pytest.mark.slow
+def test_a_dead_learner_rank_stops_the_job_naming_it_and_the_checkpoint(bootstrapped_run, head, tmp_path):
+    job = _job(tmp_path, bootstrapped_run["path"], head, "rankdeath", "learner.num_workers=2", "run.save_every=1",
+               "cluster.learner_cpus=0.5")
+    deadline = time.monotonic() + 600
+    while not list(tmp_path.glob("rankdeath-*/checkpoints/step_000002/trainer_state.json")):
+        assert job.poll() is None, (tmp_path / "rankdeath.log").read_text()[-4000:]
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    victims = _busy("ray::LearnerActor")
+    assert victims
+    _sigkill(victims[-1:])
+    assert job.wait(timeout=300) == 1
+    log = (tmp_path / "rankdeath.log").read_text()
+    run = next(tmp_path.glob("rankdeath-*"))
+    assert "learner rank" in log and "died" in log, log[-3000:]
+    newest = max(p.name for p in (run / "checkpoints").iterdir() if (p / "trainer_state.json").exists())
+    assert f"run.resume_from={run / 'checkpoints' / newest}" in log, log[-3000:]
