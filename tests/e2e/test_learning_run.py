@@ -21,8 +21,8 @@ REPO = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
 FIXED = 8
 STEPS = 20
-"""Measured on 2 cores (bootstrapped policy, 8 prompts x 12 samples, lr 1e-4): reward/clean 0.28, 0.36,
-0.38 over steps 1-3 and 0.48-0.57 over steps 16-20."""
+"""Measured on 2 cores (the default bootstrapped policy, 8 prompts x 12 samples, lr 1e-4): reward/clean
+0.46, 0.50, 0.37 over steps 1-3 (mean 0.44) and 0.63-0.72 over steps 16-20 (mean 0.67): +0.23."""
 
 
 @pytest.mark.slow
@@ -44,5 +44,5 @@ def test_grpo_raises_the_reward_of_fixed_prompts(bootstrapped_run, tmp_path):
     assert [r["step"] for r in rows] == list(range(1, STEPS + 1))
     reward = [r["reward/clean"] for r in rows]
     first, last = sum(reward[:3]) / 3, sum(reward[-5:]) / 5
-    assert last >= first + 0.08, reward  # measured: +0.17
+    assert last >= first + 0.1, reward  # measured: +0.23
     assert rows[-1]["rollout/logprob_diff"] < 1e-4
