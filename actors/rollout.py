@@ -64,6 +64,9 @@ class RolloutStats:
     samples: int = 0
     """Samples returned."""
     restarts: int = 0
+    """Actor restarts seen: a new process answering in a slot (whether or not the death cost tasks in
+    flight; a restarting actor that refuses a few tasks on its way up is still one restart)."""
+    resent: int = 0
     """Tasks sent again because their actor died."""
     weights_checked: int = 0
     """Tasks whose actor's weights fingerprint was checked against the learner's for their version."""
@@ -79,6 +82,7 @@ class RolloutStats:
                 f"{prefix}generated_tokens": float(self.generated_tokens),
                 f"{prefix}seconds": self.seconds, f"{prefix}tokens_per_s": self.tokens_per_s,
                 f"{prefix}samples": float(self.samples), f"{prefix}restarts": float(self.restarts),
+                f"{prefix}resent": float(self.resent),
                 f"{prefix}weights_checked": float(self.weights_checked)}
 
 
@@ -168,7 +172,7 @@ class RolloutActor:
         try:
             self._catch_up(version, weights or [])
             out, counts = self.rollout.generate(requests, sampling)
-            return out, {**counts, "version": self.version}
+            return out, {**counts, "version": self.version, "pid": os.getpid()}
         except EngineDied as err:
             _exit_for_restart(err)
 
@@ -229,6 +233,7 @@ class RolloutPool:
         self.weights_ref: ray.ObjectRef | None = None
         self.version = 0  # of the weights the actors must serve (0: the folder's)
         self.fingerprints: dict[int, str] = {}  # version -> the learner's fingerprint of what it sent
+        self.pids: dict[int, int] = {}  # actor slot -> the process that last answered from it
         self.queue: deque[_Task] = deque()
         self.inflight: dict[ray.ObjectRef, tuple[int, _Task]] = {}
         self.done: list[tuple[int, list[Sample]]] = []
@@ -266,6 +271,7 @@ class RolloutPool:
             ray.get([a.load_weights.remote(self.weights_ref, self.version) for a in fresh])
         self.failures = {i: self.failures.get(i, 0) for i in range(len(self.actors))}
         self.epochs = {i: self.epochs.get(i, 0) for i in range(len(self.actors))}
+        self.pids = {i: p for i, p in self.pids.items() if i < len(self.actors)}
 
     @property
     def size(self) -> int:
@@ -369,6 +375,7 @@ class RolloutPool:
                     self.queue.appendleft(task)
                     continue
                 self._check_weights(slot, counts)
+                self._seen(slot, counts.get("pid"))
                 self.stats.prompt_tokens += counts["prompt_tokens"]
                 self.stats.generated_tokens += counts["generated_tokens"]
                 self.stats.engine_seconds.append(counts["seconds"])
@@ -393,11 +400,18 @@ class RolloutPool:
                                f"{counts['weights']}, the learner sent {want}")
         self.stats.weights_checked += 1
 
+    def _seen(self, slot: int, pid: int | None) -> None:
+        if pid is None:
+            return
+        if self.pids.get(slot, pid) != pid:
+            self.stats.restarts += 1
+        self.pids[slot] = pid
+
     def _actor_failed(self, slot: int, task: _Task, err: Exception) -> None:
         if task.epoch == self.epochs[slot]:  # the first task lost to this death (the others follow)
             self.epochs[slot] += 1
             self.failures[slot] += 1
-        self.stats.restarts += 1
+        self.stats.resent += 1
         if task.attempts > 2 * (self.cfg.cluster.max_restarts + 1) * len(self.actors):
             raise RuntimeError(f"rollout task of {[r.prompt.uid for r in task.requests]} failed "
                                f"{task.attempts} times; last error: {err}") from err
@@ -409,6 +423,7 @@ class RolloutPool:
             log.error("rollout actor %d is out of restarts; replacing it", slot)
             self.actors[slot] = self._new_actor()
             self.failures[slot] = 0
+            self.pids.pop(slot, None)
 
     def generate(self, requests: list[RolloutRequest], sampling: SamplingConfig | None = None,
                  chunk: int | None = None) -> tuple[list[list[Sample]], RolloutStats]:
@@ -436,6 +451,7 @@ class RolloutPool:
         s.seconds += call.seconds
         s.samples += call.samples
         s.restarts += call.restarts
+        s.resent += call.resent
         s.weights_checked += call.weights_checked
         s.engine_seconds.extend(call.engine_seconds)
 

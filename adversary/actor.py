@@ -10,6 +10,8 @@ share) come from `cluster.adversary_cpus` / `cluster.adversary_gpus` via `create
 
 from __future__ import annotations
 
+import os
+
 import ray
 import torch
 
@@ -47,7 +49,9 @@ class AdversaryActor:
     def attack(self, prompt: Prompt, responses: list[torch.Tensor], progress: float = 0.0,
                version: int | None = None, weights: list[ray.ObjectRef] | None = None) -> AttackResult:
         self._catch_up(version, weights)
-        return self.attacker.attack(prompt, responses, progress=progress)
+        result = self.attacker.attack(prompt, responses, progress=progress)
+        result.metrics["adversary/pid"] = float(os.getpid())  # a new one after each restart: counted by the driver
+        return result
 
     def attack_many(self, items: list[tuple[Prompt, list[torch.Tensor]]], progress: float = 0.0,
                     version: int | None = None, weights: list[ray.ObjectRef] | None = None) -> list[AttackResult]:

@@ -43,6 +43,9 @@ class Parts:
     """AdversaryActor handle (None when n_adv = 0: vanilla GRPO)."""
     weights: WeightSync = field(init=False)
     """The weight sync to the pool and the adversary (cluster.weight_sync)."""
+    adversary_pids: set = field(init=False, default_factory=set)
+    """Processes the adversary actor has answered from: each new one after the first is a restart (Ray
+    retries an attack on the restarted actor by itself, so no error reaches the driver)."""
 
     def __post_init__(self) -> None:
         self.weights = WeightSync(self)
@@ -73,7 +76,8 @@ def saei_step(parts: Parts, prompts: list[Prompt], step: int, progress: float) -
     attacks: dict[ray.ObjectRef, int] = {}
     attack_metrics: list[dict[str, float]] = []
 
-    adversary_deaths = 0
+    adversary_deaths = 0  # errors that reached the driver (Ray's own retries exhausted)
+    adversary_restarts = 0  # restarts of the adversary actor seen in this step
 
     def start_attack(i: int) -> None:
         responses = [s.response_ids for s in groups[i].clean]
@@ -113,6 +117,10 @@ def saei_step(parts: Parts, prompts: list[Prompt], step: int, progress: float) -
                 start_attack(i)
                 continue
             groups[i].adv_image = result.image
+            pid = result.metrics.pop("adversary/pid", None)
+            if pid is not None and pid not in parts.adversary_pids:
+                adversary_restarts += bool(parts.adversary_pids)
+                parts.adversary_pids.add(pid)
             attack_metrics.append(result.metrics)
             req = RolloutRequest(prompts[i], n_adv, request_seed(cfg.run.seed, step, i, True), image=result.image,
                                  adversarial=True)
@@ -163,8 +171,9 @@ def saei_step(parts: Parts, prompts: list[Prompt], step: int, progress: float) -
         "rollout/tokens_per_s": rollout.generated_tokens / max(t_generated - t_step, 1e-9),
         "rollout/generated_tokens": float(rollout.generated_tokens),
         "rollout/restarts": float(rollout.restarts),
+        "rollout/resent": float(rollout.resent),
         "rollout/weights_checked": float(rollout.weights_checked),
-        "adversary/restarts": float(adversary_deaths),
+        "adversary/restarts": float(adversary_restarts),
         "rollout/workers": float(pool.size),
         **{k: v for k, v in learned.items() if k.startswith(("actor/", "learner/", "rollout/logprob"))},
         "weight_sync/bytes": synced["weight_sync/bytes"],

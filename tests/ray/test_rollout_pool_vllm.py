@@ -113,6 +113,6 @@ def test_a_dead_engine_restarts_its_actor_and_loses_nothing(pool, ray_cluster, t
         psutil.wait_procs(engine_procs, timeout=30)
         got, stats = mp.generate(requests, chunk=1)
         assert _ids(got) == _ids(want)  # every request once, with the same samples
-        assert stats.restarts >= 1 and _actor_pid(ray, mp.actors[0]) != pid
+        assert stats.resent >= 1 and _actor_pid(ray, mp.actors[0]) != pid
     finally:
         mp.shutdown()
