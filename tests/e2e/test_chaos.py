@@ -22,6 +22,7 @@ from pathlib import Path
 
 import psutil
 import pytest
+from ray_head import cluster_processes, stop_cluster
 
 from cluster.metrics import read_metrics
 
@@ -58,7 +59,7 @@ def head(tmp_path_factory):
                     "--num-cpus=4", "--include-dashboard=false", "--disable-usage-stats"],
                    env=_env(), check=True, capture_output=True, timeout=180, cwd=tmp)
     yield f"127.0.0.1:{gcs}"
-    subprocess.run([str(BIN / "ray"), "stop", "--force"], env=_env(), capture_output=True, timeout=120)
+    stop_cluster(gcs)  # this cluster only: another Ray job on the machine keeps running
 
 
 def _job(tmp_path: Path, policy: Path, address: str, name: str, *extra: str) -> subprocess.Popen:
@@ -75,11 +76,14 @@ def _job(tmp_path: Path, policy: Path, address: str, name: str, *extra: str) -> 
     return subprocess.Popen(cmd, cwd=tmp_path, env=_env(), stdout=log, stderr=subprocess.STDOUT)
 
 
-def _busy(prefix: str) -> list[psutil.Process]:
-    """Processes whose Ray title says they are running `prefix` now (e.g. ray::AdversaryActor.attack)."""
+def _busy(head: str, prefix: str) -> list[psutil.Process]:
+    """The head cluster's processes whose Ray title says they run `prefix` now (ray::AdversaryActor.attack)."""
     found = []
-    for p in psutil.process_iter(["cmdline"]):
-        cmd = p.info["cmdline"] or []
+    for p in cluster_processes(int(head.rsplit(":", 1)[1])):
+        try:
+            cmd = p.cmdline()
+        except psutil.NoSuchProcess:
+            continue
         if cmd and cmd[0].startswith(prefix):
             found.append(p)
     return found
@@ -129,13 +133,13 @@ def test_kills_during_a_job_lose_and_duplicate_nothing(bootstrapped_run, head, t
             time.sleep(rng.uniform(0.5, 2.0))  # a random point in the step
             if what == "adversary_sigkill":
                 t_end = time.monotonic() + 30
-                while not _sigkill(_busy("ray::AdversaryActor.attack")) and time.monotonic() < t_end:
+                while not _sigkill(_busy(head, "ray::AdversaryActor.attack")) and time.monotonic() < t_end:
                     time.sleep(0.05)  # wait for an attack to be running: killed mid-attack
                 else:
                     kills[what] += time.monotonic() < t_end
             else:
                 if what == "rollout_sigkill":
-                    killed = _sigkill(_busy("ray::RolloutActor.generate") or _busy("ray::RolloutActor"))
+                    killed = _sigkill(_busy(head, "ray::RolloutActor.generate") or _busy(head, "ray::RolloutActor"))
                 else:
                     out = subprocess.run([sys.executable, "-c", RAY_KILL, head, str(rng.randrange(2))], env=_env(),
                                          capture_output=True, text=True, timeout=120)
@@ -179,7 +183,7 @@ def test_a_dead_learner_rank_stops_the_job_naming_it_and_the_checkpoint(bootstra
         assert job.poll() is None, (tmp_path / "rankdeath.log").read_text()[-4000:]
         assert time.monotonic() < deadline
         time.sleep(0.1)
-    victims = _busy("ray::LearnerActor")
+    victims = _busy(head, "ray::LearnerActor")
     assert victims
     _sigkill(victims[-1:])
     assert job.wait(timeout=300) == 1
