@@ -177,9 +177,9 @@ class AdversaryConfig:
     """Perturbation: pgd (EgAS), noise (NoisyRollout's Gaussian baseline) or none."""
     step_size: float = 32 / 255
     """PGD step size a in [0, 1] pixel units; multiples of 1/255 keep images exact uint8. 32/255 is the
-    embedded default's calibration: the tiny policy's selective entropy moves +0.2% under one 2/255 step
-    (the paper's, kept in configs/saei.yaml and the 7B config), +2.8% under 16/255 and +14% under 32/255
-    (bench/attack.py --calibrate)."""
+    embedded default's calibration: the bootstrapped tiny policy's selective entropy moves +0.4% under one
+    2/255 step (the paper's, kept in configs/saei.yaml and the 7B config), +3.5% under 16/255 and +8.2%
+    under 32/255 (bench/attack_calibration.py; +14.5% on average over `make train`'s 40 steps)."""
     steps: int = 1
     """PGD steps T (the paper uses 1)."""
     eps: float | None = None

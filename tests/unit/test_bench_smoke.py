@@ -60,3 +60,14 @@ def test_weight_sync_bench_prints_its_ratio():
     last = out.stdout.strip().splitlines()[-1]
     assert re.fullmatch(r"broadcast_vs_object_store=[0-9.]+", last), last
     assert float(last.split("=")[1]) > 0
+
+
+def test_attack_calibration_prints_a_gain_per_setting(tiny_policy_dir, tmp_path):
+    from core import synthetic
+
+    data = synthetic.write_split(tmp_path / "train.parquet", 2)
+    out = subprocess.run([sys.executable, str(REPO / "bench/attack_calibration.py"), "--policy", str(tiny_policy_dir),
+                          "--data", str(data), "--prompts", "2"], capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    lines = [x for x in out.stdout.splitlines() if x.startswith("T=")]
+    assert len(lines) == 6 and all("gain_of_means=" in x for x in lines), out.stdout
