@@ -7,7 +7,7 @@ the policy to `model.path` (with `bootstrap.json` holding the figures); when `mo
 holds a policy it says so and returns (`--force` rebuilds). `make train` runs this command; the RL
 job (`cluster.train`) is to call `ensure_policy`, which does the same only when the policy is missing.
 
-The target is a middling policy (roughly 20-60% greedy accuracy): one that solves nothing gives GRPO
+The target is a middling policy (roughly 40-75% greedy accuracy): one that solves nothing gives GRPO
 no reward signal, one that solves everything gives no advantage spread.
 """
 

@@ -23,7 +23,10 @@ def test_bootstrap_cli_gives_a_middling_policy_that_reads_the_image(bootstrapped
     assert proc.returncode == 0, proc.stderr[-3000:]
     info = json.loads((tmp_path / "tiny_policy/bootstrap/bootstrap.json").read_text())
     assert info["n_test"] == 200 and info["format_rate"] > 0.9
-    assert 0.2 <= info["accuracy"] <= 0.6, info
+    # middling: sometimes right, with room for RL (the slip in the demonstrations caps total / more);
+    # measured 0.64, 0.575 and 0.59 for run.seed 0, 1, 2
+    assert 0.4 <= info["accuracy"] <= 0.75, info
+    assert info["accuracy_by_family"]["count"] >= 0.9 and info["accuracy_by_family"]["more"] <= 0.6, info
     assert info["accuracy"] >= info["blank_accuracy"] + 0.1, info
     assert "bootstrapped policy:" in proc.stdout
     # the folder loads with stock loaders too (vLLM reads the image processor from this file)

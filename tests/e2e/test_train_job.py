@@ -157,15 +157,15 @@ def test_job_submit_metrics_and_ops_scale(head_node, tiny_policy_dir, tmp_path):
 
 
 def test_broadcast_and_object_store_give_the_same_run(tmp_path, bootstrapped_run):
-    """3 steps with 2 rollout workers, the weights synced by broadcast or through the object store: the
+    """2 steps with 2 rollout workers, the weights synced by broadcast or through the object store: the
     same seeds give the same samples and the same metrics. The bootstrapped policy earns rewards, so
-    the learner's weights move every step and a sync that lost anything would change steps 2-3."""
+    the learner's weights move every step and a sync that lost anything would change step 2."""
     policy = bootstrapped_run["path"]
     assert bootstrapped_run["proc"].returncode == 0, bootstrapped_run["proc"].stderr[-2000:]
     runs = {}
     for sync in ("object_store", "broadcast"):
         proc = subprocess.run(
-            [sys.executable, "-m", "cluster.train", f"run.name={sync}", "run.steps=3", "run.eval_every=0",
+            [sys.executable, "-m", "cluster.train", f"run.name={sync}", "run.steps=2", "run.eval_every=0",
              "run.eval_before_train=false", f"cluster.weight_sync={sync}", "cluster.rollout_workers=2",
              "cluster.rollout_cpus=0.5", "cluster.adversary_cpus=0.5", "learner.lr=1e-4",
              *_overrides(tmp_path / sync, policy, "rollout.n_clean=2", "rollout.n_adv=2",
@@ -174,7 +174,7 @@ def test_broadcast_and_object_store_give_the_same_run(tmp_path, bootstrapped_run
         assert proc.returncode == 0, proc.stderr[-4000:]
         runs[sync] = [r for r in read_metrics(next((tmp_path / sync).glob(f"{sync}-*")) / "metrics.jsonl")
                       if "time/step_s" in r]
-    assert [r["step"] for r in runs["broadcast"]] == [1, 2, 3]
+    assert [r["step"] for r in runs["broadcast"]] == [1, 2]
     assert all(r["weight_sync/bytes"] > 0 and r["weight_sync/fallbacks"] == 0 for r in runs["broadcast"])
     assert all(r["weight_sync/bytes"] == 0 for r in runs["object_store"])
     timing = ("time/", "rollout/tokens_per_s", "learner/tokens_per_s", "weight_sync/")

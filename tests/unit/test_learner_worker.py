@@ -39,6 +39,8 @@ def _reference(path, cfg, batches, epochs=1):
     """
     lc = cfg.learner
     model = load_policy(path, dtype=torch.float32)
+    if lc.freeze_vision_tower:  # as the worker does (the default)
+        model.model.visual.requires_grad_(False)
     ref_model = load_policy(path, dtype=torch.float32) if lc.kl_coef > 0 else None
     opt = torch.optim.AdamW(model.parameters(), lr=lc.lr, betas=tuple(lc.betas), weight_decay=lc.weight_decay)
     processor = load_processor(path)
@@ -65,7 +67,7 @@ def _reference(path, cfg, batches, epochs=1):
                                   aggregation=lc.aggregation, ref_logprobs=ref, kl_coef=lc.kl_coef)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), lc.grad_clip)
-            grads.append({k: p.grad.clone() for k, p in model.named_parameters()})
+            grads.append({k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None})
             opt.step()
             opt.zero_grad()
     return model.state_dict(), grads
@@ -100,6 +102,7 @@ def _assert_grads_close(got: dict, want: dict, rel: float) -> None:
     (["learner.aggregation=seq-mean-token-mean"], 1, 1),
     (["learner.epochs=2", "learner.clip_low=0.0001", "learner.clip_high=0.0001"], 2, 1),
     (["learner.kl_coef=0.5"], 1, 2),
+    (["learner.freeze_vision_tower=false"], 1, 1),  # every weight trains
 ])
 def test_update_equals_plain_model_reference(tiny_policy_dir, overrides, epochs, steps):
     cfg = _cfg(*overrides)
