@@ -33,7 +33,7 @@ class AdversaryActor:
         policy = load_policy(model_path, dtype=cfg.model.dtype, device=device,
                              attn_implementation=cfg.model.attn_implementation)
         self.attacker = Attacker(policy, load_processor(model_path), cfg.adversary, cfg.data.format_prompt,
-                                 seed=cfg.run.seed)
+                                 seed=cfg.run.seed, shared_prefix=cfg.model.shared_prefix)
         self.version = 0  # 0: the weights of model_path; -1: loaded without a version (unknown)
 
     def _catch_up(self, version: int | None, weights: list[ray.ObjectRef] | None) -> None:
@@ -56,7 +56,10 @@ class AdversaryActor:
     def attack_many(self, items: list[tuple[Prompt, list[torch.Tensor]]], progress: float = 0.0,
                     version: int | None = None, weights: list[ray.ObjectRef] | None = None) -> list[AttackResult]:
         self._catch_up(version, weights)
-        return self.attacker.attack_many(items, progress=progress)
+        results = self.attacker.attack_many(items, progress=progress)
+        for result in results:
+            result.metrics["adversary/pid"] = float(os.getpid())
+        return results
 
     def load_weights(self, named_tensors: dict[str, torch.Tensor], version: int = -1) -> None:
         self.attacker.load_weights(named_tensors)

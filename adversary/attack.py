@@ -25,7 +25,7 @@ from adversary.tsec import selective_entropy, token_entropy
 from core import weights
 from core.batch import Prompt
 from core.config import AdversaryConfig
-from core.policy import chat_prompt, encode_groups, policy_hidden
+from core.policy import chat_prompt, encode_groups, response_hidden
 
 
 @dataclass
@@ -52,21 +52,19 @@ def _head_entropy(head: torch.nn.Module, hidden: torch.Tensor, chunk: int) -> to
     return torch.cat(parts) if parts else hidden.new_zeros(0, dtype=torch.float32)
 
 
-def response_entropy(model, inputs: dict[str, torch.Tensor], response_mask: torch.Tensor,
-                     pixel_values: torch.Tensor, grid_thw: torch.Tensor, head_chunk: int = 1024,
-                     rows_per_image: list[int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def response_entropy(model, inputs: dict[str, torch.Tensor], pixel_values: torch.Tensor, grid_thw: torch.Tensor,
+                     rows_per_image: list[int], head_chunk: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-token policy entropy of R responses to K images, with the vision tower run once per image.
 
-    inputs: input_ids, attention_mask, mm_token_type_ids [R, L] int64 (rows of
-    core.policy.encode_groups, image k's rows consecutive); response_mask [R, L] bool;
+    inputs: core.policy.encode_groups rows (shared-prefix or one per response) on the model's device;
     pixel_values [patches, D] float of the K images (may require grad); grid_thw [K, 3] int64;
-    rows_per_image: how many rows each image has (default: all R rows share one image). Returns
-    (entropy [R, L-1] float32, mask [R, L-1] bool): the entropy of the distribution that predicts each
-    response token, zero elsewhere.
+    rows_per_image: as encode_groups returns it. Returns (entropy [R, T] float32, mask [R, T] bool):
+    row r holds the entropies of the distributions that predict response r's tokens, left-aligned,
+    zero past its end (mask = inputs["response_mask"]).
     """
-    hidden = policy_hidden(model, inputs, pixel_values, grid_thw, rows_per_image)
-    mask = response_mask[:, 1:]
-    ent = _head_entropy(model.lm_head, hidden[:, :-1][mask], head_chunk)
+    hidden = response_hidden(model, inputs, pixel_values, grid_thw, rows_per_image)
+    ent = _head_entropy(model.lm_head, hidden, head_chunk)
+    mask = inputs["response_mask"]
     return torch.zeros(mask.shape, dtype=torch.float32, device=ent.device).masked_scatter(mask, ent), mask
 
 
@@ -89,7 +87,8 @@ def _pack(images: list[np.ndarray]) -> tuple[np.ndarray, list[tuple[int, int, in
 class Attacker:
     """The adversary's policy copy and the attack; a plain class (the Ray actor is a thin shell)."""
 
-    def __init__(self, policy, processor, config: AdversaryConfig, format_prompt: str = "", seed: int = 0):
+    def __init__(self, policy, processor, config: AdversaryConfig, format_prompt: str = "", seed: int = 0,
+                 shared_prefix: bool = True):
         self.policy = policy.eval()
         for p in self.policy.parameters():  # only the pixels get gradients
             p.requires_grad_(False)
@@ -97,6 +96,7 @@ class Attacker:
         self.config = config
         self.format_prompt = format_prompt
         self.seed = seed
+        self.shared_prefix = shared_prefix  # core.policy.encode_groups: each prompt once per row
 
     @property
     def device(self) -> torch.device:
@@ -122,9 +122,9 @@ class Attacker:
         """
         groups = [(chat_prompt(self.processor, p.problem, self.format_prompt), p.image, responses)
                   for p, responses in items]
-        encoded, response_mask, n_rows = encode_groups(self.processor, groups)
-        inputs = {k: encoded[k].to(self.device) for k in ("input_ids", "attention_mask", "mm_token_type_ids")}
-        response_mask = response_mask.to(self.device)
+        encoded, rows_per_image = encode_groups(self.processor, groups, self.shared_prefix)
+        inputs = {k: v.to(self.device) for k, v in encoded.items() if k not in ("pixel_values", "image_grid_thw")}
+        n_rows = [len(responses) for _, responses in items]
         tsec = self.config.tsec
         seeds = [self.seed + zlib.crc32(p.uid.encode()) for p, _ in items]
         history: list[list[tuple[float, dict[str, float]]]] = []
@@ -132,8 +132,7 @@ class Attacker:
         def objective(x: torch.Tensor) -> torch.Tensor:
             images = [x[:, r:r + h, :w] for r, h, w in places]
             pixel_values, grid = image_to_model_inputs([im.to(self.device) for im in images], self.processor)
-            ent, mask = response_entropy(self.policy, inputs, response_mask, pixel_values, grid,
-                                         rows_per_image=n_rows)
+            ent, mask = response_entropy(self.policy, inputs, pixel_values, grid, rows_per_image)
             ent, mask = ent.cpu(), mask.cpu()
             total, record, start = 0.0, [], 0
             for n, seed in zip(n_rows, seeds):

@@ -73,58 +73,62 @@ def saei_step(parts: Parts, prompts: list[Prompt], step: int, progress: float) -
         [RolloutRequest(p, n_clean, request_seed(cfg.run.seed, step, i, False)) for i, p in enumerate(prompts)],
         chunk=cfg.rollout.stream_chunk))} if n_clean else {}
     adv: dict[int, int] = {}
-    attacks: dict[ray.ObjectRef, int] = {}
+    attacks: dict[ray.ObjectRef, list[int]] = {}  # one attack call per batch of prompts that came back together
     attack_metrics: list[dict[str, float]] = []
 
     adversary_deaths = 0  # errors that reached the driver (Ray's own retries exhausted)
     adversary_restarts = 0  # restarts of the adversary actor seen in this step
 
-    def start_attack(i: int) -> None:
-        responses = [s.response_ids for s in groups[i].clean]
+    def start_attack(index: list[int]) -> None:
+        # the prompts of one clean task come back together: one call attacks them in one batch
+        items = [(prompts[i], [s.response_ids for s in groups[i].clean]) for i in index]
         weights = [pool.weights_ref] if pool.weights_ref is not None else None
-        attacks[parts.adversary.attack.remote(prompts[i], responses, progress, pool.version, weights)] = i
+        attacks[parts.adversary.attack_many.remote(items, progress, pool.version, weights)] = index
 
     if n_adv and not n_clean:  # nothing to wait for: attack (noise / none) right away
-        for i in range(len(prompts)):
-            start_attack(i)
+        start_attack(list(range(len(prompts))))
     # 2. as each prompt's clean samples arrive, attack its image; 3. sample on I_adv when it is ready
     while pool.pending or attacks:
         waiting = pool.pending_refs() + list(attacks)
         ready = set(ray.wait(waiting, num_returns=1)[0]) if waiting else set()
+        arrived = []
         for ticket, samples in pool.poll(timeout=0):
             if ticket in clean:
                 i = clean.pop(ticket)
                 groups[i].clean = samples
-                if n_adv:
-                    start_attack(i)
+                arrived.append(i)
             else:
                 groups[adv.pop(ticket)].adversarial = samples
+        if n_adv and arrived:
+            start_attack(arrived)
         for ref in [r for r in attacks if r in ready]:
-            i = attacks.pop(ref)
+            index = attacks.pop(ref)
             try:
-                result = ray.get(ref)
+                results = ray.get(ref)
             except StaleWeights:  # restarted under broadcast: attack again with a copy to catch up from
                 log.warning("adversary lacks weights version %d; it catches up from the object store", pool.version)
                 pool.catch_up_ref()
-                start_attack(i)
+                start_attack(index)
                 continue
             except ray.exceptions.RayActorError as e:
                 # Ray restarts the adversary; the retried attack brings the current weights with it
                 adversary_deaths += 1
                 if adversary_deaths > cfg.cluster.max_restarts:
                     raise RuntimeError(f"the adversary actor died {adversary_deaths} times in step {step}") from e
-                log.warning("adversary actor died during the attack of prompt %s; attacking again", prompts[i].uid)
-                start_attack(i)
+                log.warning("adversary actor died during the attack of prompts %s; attacking again",
+                            [prompts[i].uid for i in index])
+                start_attack(index)
                 continue
-            groups[i].adv_image = result.image
-            pid = result.metrics.pop("adversary/pid", None)
-            if pid is not None and pid not in parts.adversary_pids:
-                adversary_restarts += bool(parts.adversary_pids)
-                parts.adversary_pids.add(pid)
-            attack_metrics.append(result.metrics)
-            req = RolloutRequest(prompts[i], n_adv, request_seed(cfg.run.seed, step, i, True), image=result.image,
-                                 adversarial=True)
-            adv.update({t: i for t in pool.submit([req], chunk=1, merge=True)})
+            for i, result in zip(index, results):
+                groups[i].adv_image = result.image
+                pid = result.metrics.pop("adversary/pid", None)
+                if pid is not None and pid not in parts.adversary_pids:
+                    adversary_restarts += bool(parts.adversary_pids)
+                    parts.adversary_pids.add(pid)
+                attack_metrics.append(result.metrics)
+            reqs = [RolloutRequest(prompts[i], n_adv, request_seed(cfg.run.seed, step, i, True), image=r.image,
+                                   adversarial=True) for i, r in zip(index, results)]
+            adv.update(zip(pool.submit(reqs, chunk=1, merge=True), index))
     t_generated = time.perf_counter()
     rollout = pool.take_stats()
     lost, duplicated = _account(groups, n_clean, n_adv)

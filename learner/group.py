@@ -20,7 +20,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from core.batch import TrainBatch
 from core.config import Config
 from core.weights import GroupInfo
-from learner.worker import LearnerWorker
+from learner.worker import LearnerWorker, learner_threads
 
 
 @ray.remote
@@ -116,7 +116,7 @@ class LearnerGroup:
             LearnerActor.options(
                 num_cpus=cfg.cluster.learner_cpus, num_gpus=cfg.cluster.learner_gpus,
                 scheduling_strategy=PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=i),
-                runtime_env={"env_vars": {"OMP_NUM_THREADS": str(max(1, int(cfg.cluster.learner_cpus)))}},
+                runtime_env={"env_vars": {"OMP_NUM_THREADS": str(learner_threads(cfg))}},
             ).remote()
             for i in range(n)
         ]

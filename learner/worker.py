@@ -42,7 +42,14 @@ from torch.utils.checkpoint import checkpoint
 from core import weights
 from core.batch import TrainBatch
 from core.config import Config
-from core.policy import chat_prompt, encode_groups, load_policy, load_processor, policy_hidden, resolve_dtype
+from core.policy import (
+    chat_prompt,
+    encode_groups,
+    load_policy,
+    load_processor,
+    resolve_dtype,
+    response_hidden,
+)
 from core.weights import GroupInfo
 from learner.grpo import policy_loss
 
@@ -91,18 +98,13 @@ class _Scorer(torch.nn.Module):
         self.policy = policy
         self.head_chunk = head_chunk
 
-    def forward(self, input_ids: torch.Tensor,  # [R, L] int64, right-padded rows prompt + response
-                attention_mask: torch.Tensor,  # [R, L] int64
-                mm_token_type_ids: torch.Tensor,  # [R, L] int64
+    def forward(self, inputs: dict[str, torch.Tensor],  # core.policy.encode_groups rows (packed or not)
                 pixel_values: torch.Tensor,  # [patches, D] float, one copy per image
                 image_grid_thw: torch.Tensor,  # [K, 3] int64
-                response_mask: torch.Tensor,  # [R, L] bool
                 rows_per_image: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-        """(log-probs, entropies) [n_response_tokens] float32, row-major over response_mask[:, 1:]."""
-        inputs = dict(input_ids=input_ids, attention_mask=attention_mask, mm_token_type_ids=mm_token_type_ids)
-        hidden = policy_hidden(self.policy, inputs, pixel_values, image_grid_thw, rows_per_image)
-        mask = response_mask[:, 1:]
-        return _head_logprobs(self.policy.lm_head, hidden[:, :-1][mask], input_ids[:, 1:][mask], self.head_chunk)
+        """(log-probs, entropies) [n_response_tokens] float32, response-major (inputs["response_mask"])."""
+        hidden = response_hidden(self.policy, inputs, pixel_values, image_grid_thw, rows_per_image)
+        return _head_logprobs(self.policy.lm_head, hidden, inputs["targets"], self.head_chunk)
 
 
 def _free_port() -> int:
@@ -111,6 +113,15 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def learner_threads(cfg: Config) -> int:
+    """Torch threads of one CPU learner rank (`cluster.learner_threads`; 0: this node's cores shared
+    among the ranks)."""
+    if cfg.cluster.learner_threads > 0:
+        return cfg.cluster.learner_threads
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, cores // max(1, cfg.learner.num_workers))
 
 
 def _plan(n_rows: int, rank: int, world: int, micro: int) -> list[list[int]]:
@@ -141,7 +152,7 @@ class LearnerWorker:
             device = "cuda" if cfg.cluster.learner_gpus > 0 and torch.cuda.is_available() else "cpu"
         self.device = torch.device(device)
         if self.device.type == "cpu":
-            torch.set_num_threads(max(1, int(cfg.cluster.learner_cpus)))  # the cores are shared
+            torch.set_num_threads(learner_threads(cfg))
         else:
             torch.cuda.set_device(self.device)
         if not dist.is_initialized():
@@ -203,10 +214,10 @@ class LearnerWorker:
                 groups.append((text, batch.images[c], []))
                 last = c
             groups[-1][2].append(batch.responses[i])
-        inputs, response_mask, rows_per_image = encode_groups(self.processor, groups)
-        inputs = {k: v.to(self.device) for k, v in inputs.items()}
-        inputs.update(response_mask=response_mask.to(self.device), rows_per_image=rows_per_image)
-        return inputs, order
+        encoded, rows_per_image = encode_groups(self.processor, groups, self.cfg.model.shared_prefix)
+        encoded = {k: v.to(self.device) for k, v in encoded.items()}
+        pixel_values, grid = encoded.pop("pixel_values"), encoded.pop("image_grid_thw")
+        return dict(inputs=encoded, pixel_values=pixel_values, image_grid_thw=grid, rows_per_image=rows_per_image), order
 
     def update(self, batch: TrainBatch) -> dict[str, float]:
         """One GRPO step on `batch` (`epochs` optimizer steps); returns metrics reduced over ranks."""
@@ -242,7 +253,7 @@ class LearnerWorker:
         for epoch in range(lc.epochs):
             for mb in micro:
                 inputs, order = mb["inputs"], mb["order"]
-                rmask = inputs["response_mask"][:, 1:]  # [R, L-1] bool
+                rmask = inputs["inputs"]["response_mask"]  # [R, T] bool, each response's tokens left-aligned
                 logp_flat, ent_flat = self.model(**inputs)
                 if epoch == 0:
                     mb["old"] = logp_flat.detach()

@@ -5,16 +5,16 @@ import pytest
 import torch
 
 from adversary.attack import Attacker, _pack, response_entropy
-from adversary.pixels import image_to_model_inputs, to_float_image
+from adversary.pixels import to_float_image
 from adversary.tsec import token_entropy
 from core import synthetic
 from core.batch import Prompt
 from core.config import AdversaryConfig, TsecConfig
 from core.policy import (
     chat_prompt,
+    encode_groups,
     encode_prompt_response,
     encode_prompts,
-    encode_responses_of_prompt,
     load_policy,
     load_processor,
     vision_special_ids,
@@ -48,19 +48,56 @@ def _sample(model, processor, prompt: Prompt, n: int, seed: int, max_new: int = 
     return responses
 
 
-def test_shared_vision_entropy_equals_plain_forward(policy):
+def _entropy_and_pixel_grad(model, processor, groups, shared_prefix: bool):
+    """(entropy [N] of every response token, response-major; d sum(entropy) / d pixels) through
+    core.policy.encode_groups rows of either layout."""
+    encoded, rows_per_image = encode_groups(processor, groups, shared_prefix)
+    pv = encoded.pop("pixel_values").clone().requires_grad_(True)
+    grid = encoded.pop("image_grid_thw")
+    ent, mask = response_entropy(model, encoded, pv, grid, rows_per_image, head_chunk=5)
+    ent.sum().backward()
+    return ent[mask].detach(), pv.grad, encoded
+
+
+@pytest.mark.parametrize("shared_prefix", [True, False], ids=["shared_prefix", "row_per_response"])
+def test_response_entropy_equals_plain_forward(policy, shared_prefix):
+    """Both layouts give each response token the entropy of the model's own forward on its own
+    `prompt + response` row (3 prompts, 4 / 1 / 3 responses of different lengths)."""
     model, processor = policy
-    prompt = _prompt(0)
-    responses = _sample(model, processor, prompt, 4, seed=0)
-    text = chat_prompt(processor, prompt.problem, FORMAT)
-    inputs, rmask = encode_responses_of_prompt(processor, text, prompt.image, responses)
-    pv, grid = image_to_model_inputs(to_float_image(prompt.image), processor)
-    plain_inputs, plain_mask = encode_prompt_response(processor, [text] * 4, [prompt.image] * 4, responses)
+    groups, texts, images, flat = [], [], [], []
+    for k, n in enumerate((4, 1, 3)):
+        prompt = _prompt(20 + k)
+        responses = _sample(model, processor, prompt, n, seed=k)
+        text = chat_prompt(processor, prompt.problem, FORMAT)
+        groups.append((text, prompt.image, responses))
+        texts += [text] * n
+        images += [prompt.image] * n
+        flat += responses
+    ent, _, encoded = _entropy_and_pixel_grad(model, processor, groups, shared_prefix)
+    assert encoded["input_ids"].shape[0] == (3 if shared_prefix else 8)
+    plain_inputs, plain_mask = encode_prompt_response(processor, texts, images, flat)
     with torch.no_grad():
-        ent, mask = response_entropy(model, inputs, rmask, pv, grid, head_chunk=5)
-        ref = token_entropy(model(**plain_inputs).logits[:, :-1]) * plain_mask[:, 1:]
-    assert torch.equal(mask, plain_mask[:, 1:])
+        ref = token_entropy(model(**plain_inputs).logits[:, :-1])[plain_mask[:, 1:]]
     torch.testing.assert_close(ent, ref, atol=1e-5, rtol=1e-5)
+    assert encoded["targets"].tolist() == torch.cat(flat).tolist()
+
+
+def test_shared_prefix_gradients_equal_one_row_per_response(policy):
+    """The attack's gradient on the pixels is the same whichever layout computes it, and a response
+    cannot see another: changing response 0 leaves the entropies of responses 1-2 unchanged."""
+    model, processor = policy
+    prompt = _prompt(30)
+    responses = _sample(model, processor, prompt, 3, seed=3)
+    groups = [(chat_prompt(processor, prompt.problem, FORMAT), prompt.image, responses)]
+    ent_s, grad_s, _ = _entropy_and_pixel_grad(model, processor, groups, True)
+    ent_r, grad_r, _ = _entropy_and_pixel_grad(model, processor, groups, False)
+    torch.testing.assert_close(ent_s, ent_r, atol=1e-5, rtol=1e-5)
+    assert grad_r.abs().max() > 0
+    torch.testing.assert_close(grad_s, grad_r, atol=1e-7, rtol=1e-4)
+    changed = [torch.flip(responses[0], [0]) + 1] + responses[1:]
+    ent_c, _, _ = _entropy_and_pixel_grad(model, processor, [(groups[0][0], prompt.image, changed)], True)
+    n0 = responses[0].numel()
+    torch.testing.assert_close(ent_c[n0:], ent_s[n0:], atol=1e-6, rtol=1e-6)
 
 
 def test_vision_tower_runs_once_per_evaluation(policy):

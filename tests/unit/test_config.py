@@ -115,6 +115,8 @@ def test_section_given_a_scalar_is_an_error():
         (["data.synthetic.families=[count,circles]"], "data.synthetic.families"),
         (["data.synthetic.image_size=100"], "data.synthetic.image_size"),
         (["rollout.n_clean=0", "rollout.n_adv=4"], "rollout.n_clean"),
+        (["model.attn_implementation=flash_attention_2"], "model.shared_prefix: needs a kernel"),
+        (["cluster.learner_threads=-1"], "cluster.learner_threads"),
     ],
 )
 def test_impossible_values_fail_before_start(overrides, needle):
