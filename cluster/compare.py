@@ -1,13 +1,15 @@
 """`make compare`: GRPO, SaEI and the ablations on the embedded task, several seeds, one report.
 
-    python -m cluster.compare [--seeds 0 1 2] [--configs grpo saei ...] [--out runs/compare] [key=value ...]
+    python -m cluster.compare [--seeds 0 1 2] [--configs grpo default ...] [--out runs/compare] [key=value ...]
 
 Each (config, seed) is one `python -m cluster.train` run in its own process (its own local Ray): the
 typed defaults (the embedded task, as configs/default.yaml spells out), the named config file, then
-the overrides. All runs share one synthetic data set and one bootstrapped policy under runs/. The report
-(`<out>/report.md`) has one row per config: final greedy test accuracy and pass@k (mean +- std over
-seeds), final clean / adversarial reward and entropy, selective entropy before / after the attack,
-and seconds per step; `<out>/curves_*.png` overlay the configs' mean curves.
+the overrides. All runs share one synthetic data set and one bootstrapped policy under runs/, and each
+evaluates that policy before its first step. The report (`<out>/report.md`) has, per config, mean +-
+std over seeds of: greedy test accuracy before and after and its change, pass@k, the policy entropy
+of the first and last `--window` steps, selective entropy before / after the attack, and seconds per
+step; then each seed's final accuracy; `<out>/curves_*.png` draw each config's mean curve with a band
+of +- one standard deviation over seeds.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -24,12 +27,17 @@ import numpy as np
 from cluster.metrics import read_metrics, save_panel
 
 REPO = Path(__file__).resolve().parents[1]
-CONFIGS = ["grpo", "saei", "no_tsec", "random_tokens", "noise", "learn_on_clean"]
-COLUMNS = [("eval/accuracy", "greedy acc"), ("eval/pass@k", "pass@k"), ("reward/clean", "reward clean"),
-           ("reward/adversarial", "reward adv"), ("entropy/clean", "entropy clean"),
-           ("entropy/adversarial", "entropy adv"), ("tsec/before", "TsEC before"), ("tsec/after", "TsEC after"),
-           ("time/step_s", "s / step")]
-CURVES = ["eval/accuracy", "entropy/clean", "reward/mean"]
+CONFIGS = ["grpo", "default", "saei", "no_tsec", "random_tokens", "noise", "learn_on_clean"]
+LEGEND = {
+    "grpo": "vanilla GRPO, 12 clean samples per prompt",
+    "default": "SaEI as `make train` runs it: 6 clean + 6 adversarial, PGD step 32/255 (calibrated for the tiny policy)",
+    "saei": "SaEI with the paper's step, 2/255",
+    "no_tsec": "SaEI (32/255) whose attack raises the entropy of all response tokens",
+    "random_tokens": "SaEI (32/255) whose attack raises the entropy of a random third of the tokens",
+    "noise": "NoisyRollout-style Gaussian noise instead of the attack",
+    "learn_on_clean": "SaEI (32/255), adversarial samples trained on conditioned on the clean image",
+}
+CURVES = ["entropy/clean", "eval/accuracy", "reward/mean"]
 
 
 def run_one(name: str, seed: int, out: Path, overrides: list[str]) -> Path:
@@ -40,61 +48,107 @@ def run_one(name: str, seed: int, out: Path, overrides: list[str]) -> Path:
         return done[-1].parent
     cmd = [sys.executable, "-m", "cluster.train", "--config", str(REPO / "configs" / f"{name}.yaml"),
            f"run.output_dir={root}", f"run.name={name}", f"run.seed={seed}", "logging.progress_bar=false",
-           "cluster.dashboard=false",
-           # every config starts from the same bootstrapped policy, whose accuracy the bootstrap logs
-           "run.eval_before_train=false", *overrides]
+           "cluster.dashboard=false", *overrides]
     # the shared artefacts (data, bootstrapped policy) stay where default.yaml puts them
     cmd += ["model.path=runs/tiny_policy/bootstrap", "data.train_files=[runs/data/synthetic/train.parquet]",
             "data.test_files=[runs/data/synthetic/test.parquet]"]
     print(f"== {name} seed {seed}", flush=True)
+    t0 = time.perf_counter()
     env = dict(os.environ, PYTHONPATH=str(REPO))
     proc = subprocess.run(cmd, cwd=REPO, env=env)
     if proc.returncode != 0:
         raise SystemExit(f"{name} seed {seed} failed (exit {proc.returncode}); command: {' '.join(cmd)}")
+    print(f"== {name} seed {seed}: {time.perf_counter() - t0:.0f} s", flush=True)
     return sorted(root.glob("*/summary.json"))[-1].parent
 
 
-def last_value(rows: list[dict], key: str) -> float | None:
-    values = [r[key] for r in rows if r.get(key) is not None]
-    return values[-1] if values else None
+def run_summary(rows: list[dict], window: int) -> dict[str, float | None]:
+    """One run's numbers from its metrics.jsonl rows: accuracy before (step 0) and after (last
+    evaluation), pass@k after, mean clean entropy of the first and of the last `window` training
+    steps, mean TsEC before / after the attack, and the median step time after step 1."""
+    steps = [r for r in rows if r.get("entropy/clean") is not None]
+    evals = [r for r in rows if r.get("eval/accuracy") is not None]
+
+    def mean(rs: list[dict], key: str) -> float | None:
+        vals = [r[key] for r in rs if r.get(key) is not None]
+        return float(np.mean(vals)) if vals else None
+
+    before = [r for r in evals if r["step"] == 0]
+    times = [r["time/step_s"] for r in rows if r.get("time/step_s") is not None and r["step"] > 1]
+    out = {
+        "acc_before": before[0]["eval/accuracy"] if before else None,
+        "acc_after": evals[-1]["eval/accuracy"] if evals and evals[-1]["step"] > 0 else None,
+        "pass_after": evals[-1].get("eval/pass@k") if evals and evals[-1]["step"] > 0 else None,
+        "entropy_first": mean(steps[:window], "entropy/clean"),
+        "entropy_last": mean(steps[-window:], "entropy/clean"),
+        "tsec_before": mean(steps, "tsec/before"),
+        "tsec_after": mean(steps, "tsec/after"),
+        "step_s": float(np.median(times)) if times else None,
+    }
+    out["acc_gain"] = (out["acc_after"] - out["acc_before"]
+                       if out["acc_after"] is not None and out["acc_before"] is not None else None)
+    out["entropy_change"] = (out["entropy_last"] - out["entropy_first"]
+                             if out["entropy_last"] is not None and out["entropy_first"] is not None else None)
+    return out
 
 
-def report(results: dict[str, list[Path]], out: Path) -> Path:
+def mean_std(values: list[float | None]) -> tuple[float, float, int] | None:
+    """(mean, population std, n) of the values that are not None; None when there are none."""
+    vals = [v for v in values if v is not None]
+    return (float(np.mean(vals)), float(np.std(vals)), len(vals)) if vals else None
+
+
+COLUMNS = [("acc_before", "acc before"), ("acc_after", "acc after"), ("acc_gain", "acc change"),
+           ("pass_after", "pass@k after"), ("entropy_first", "entropy first"), ("entropy_last", "entropy last"),
+           ("entropy_change", "entropy change"), ("tsec_before", "TsEC before"), ("tsec_after", "TsEC after"),
+           ("step_s", "s / step")]
+
+
+def report(results: dict[str, list[Path]], out: Path, window: int = 5) -> Path:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    runs = {name: [read_metrics(d / "metrics.jsonl") for d in dirs] for name, dirs in results.items()}
+    summaries = {name: [run_summary(rows, window) for rows in rs] for name, rs in runs.items()}
+    seeds = max(len(v) for v in results.values())
     lines = ["# SaEI-RL on the embedded task: GRPO, SaEI and ablations", "",
-             f"Seeds per config: {max(len(v) for v in results.values())}. Final values (mean +- std over seeds); "
-             "accuracy is greedy on the test split.", "",
+             f"Seeds per config: {seeds}; mean +- std over seeds (population std). Accuracy: greedy, on the "
+             f"200-prompt test split, before the first step and after the last; entropy: the policy's mean "
+             f"per-token entropy on the clean samples, averaged over the first and the last {window} steps; "
+             "TsEC: the attacked tokens' mean entropy before / after the attack, over the run.", "",
              "| config | " + " | ".join(label for _, label in COLUMNS) + " |",
              "| --- |" + " --- |" * len(COLUMNS)]
-    curves: dict[str, dict[str, list[tuple[list[int], list[float]]]]] = {k: {} for k in CURVES}
-    for name, dirs in results.items():
-        runs = [read_metrics(d / "metrics.jsonl") for d in dirs]
+    for name, sums in summaries.items():
         cells = []
         for key, _ in COLUMNS:
-            vals = [v for v in (last_value(r, key) for r in runs) if v is not None]
-            cells.append(f"{np.mean(vals):.3f} +- {np.std(vals):.3f}" if vals else "n/a")
+            ms = mean_std([s[key] for s in sums])
+            cells.append(f"{ms[0]:.3f} +- {ms[1]:.3f}" if ms else "n/a")
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
-        for key in CURVES:
-            for rows in runs:
-                pts = [(r["step"], r[key]) for r in rows if r.get(key) is not None]
-                if pts:
-                    curves[key].setdefault(name, []).append(tuple(map(list, zip(*pts))))
-    lines.append("")
+    lines += ["", "Final greedy accuracy per seed:", ""]
+    for name, sums in summaries.items():
+        accs = ", ".join("n/a" if s["acc_after"] is None else f"{s['acc_after']:.3f}" for s in sums)
+        lines.append(f"- {name}: {accs}")
+    lines += ["", "Configs:", ""] + [f"- `{name}`: {LEGEND.get(name, 'configs/' + name + '.yaml')}"
+                                     for name in results] + [""]
     for key in CURVES:
-        fig, ax = plt.subplots(figsize=(6, 3.6))
-        for name, series in curves[key].items():
-            steps = series[0][0]
-            same = [s for s in series if s[0] == steps]
-            ax.plot(steps, np.mean([s[1] for s in same], axis=0), label=name)
-        path = save_panel(fig, ax, key, out / f"curves_{key.replace('/', '_')}.png")
+        fig, ax = plt.subplots(figsize=(6.4, 3.8))
+        for name, rs in runs.items():
+            series = [{r["step"]: r[key] for r in rows if r.get(key) is not None} for rows in rs]
+            steps = sorted(set.intersection(*(set(s) for s in series))) if series else []
+            if not steps:
+                continue
+            values = np.array([[s[k] for k in steps] for s in series])  # [seeds, steps]
+            mean, std = values.mean(0), values.std(0)
+            line, = ax.plot(steps, mean, label=name, marker="o" if len(steps) < 6 else None, markersize=3)
+            ax.fill_between(steps, mean - std, mean + std, color=line.get_color(), alpha=0.12)
+        path = save_panel(fig, ax, f"{key} (mean +- std over seeds)", out / f"curves_{key.replace('/', '_')}.png")
         plt.close(fig)
         lines.append(f"![{key}]({path.name})")
     path = out / "report.md"
     path.write_text("\n".join(lines) + "\n")
+    (out / "summary.json").write_text(json.dumps(summaries, indent=2))
     return path
 
 
@@ -104,20 +158,25 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--configs", nargs="+", default=CONFIGS)
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--out", default="runs/compare")
+    parser.add_argument("--window", type=int, default=5, help="steps averaged for the first / last entropy")
     parser.add_argument("overrides", nargs="*", help="config overrides for every run, key=value")
     args = parser.parse_args(argv)
+    missing = [n for n in args.configs if not (REPO / "configs" / f"{n}.yaml").is_file()]
+    if missing:
+        parser.error(f"no such config: {', '.join(f'configs/{n}.yaml' for n in missing)}")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     from cluster.bootstrap import ensure_data, ensure_policy
     from core.config import load_config
 
+    t0 = time.perf_counter()
     shared = load_config(REPO / "configs" / "default.yaml", ["run.output_dir=runs"])
     ensure_data(shared)
     ensure_policy(shared)
     results = {name: [run_one(name, seed, out, args.overrides) for seed in args.seeds] for name in args.configs}
-    path = report(results, out)
+    path = report(results, out, args.window)
     print(path.read_text())
-    print(f"report: {path}")
+    print(f"report: {path}  ({time.perf_counter() - t0:.0f} s in all)")
     (out / "runs.json").write_text(json.dumps({k: [str(d) for d in v] for k, v in results.items()}, indent=2))
     return 0
 
