@@ -98,6 +98,13 @@ def mean_std(values: list[float | None]) -> tuple[float, float, int] | None:
     return (float(np.mean(vals)), float(np.std(vals)), len(vals)) if vals else None
 
 
+def paired_difference(rows: list[dict], base: list[dict], key: str) -> list[float]:
+    """rows[key] - base[key] at every step both runs logged it, in step order (training steps only)."""
+    theirs = {r["step"]: r[key] for r in base if r.get(key) is not None and r["step"] > 0}
+    return [r[key] - theirs[r["step"]] for r in sorted(rows, key=lambda r: r["step"])
+            if r.get(key) is not None and r["step"] in theirs]
+
+
 COLUMNS = [("acc_before", "acc before"), ("acc_after", "acc after"), ("acc_gain", "acc change"),
            ("pass_after", "pass@k after"), ("entropy_first", "entropy first"), ("entropy_last", "entropy last"),
            ("entropy_change", "entropy change"), ("tsec_before", "TsEC before"), ("tsec_after", "TsEC after"),
@@ -126,6 +133,20 @@ def report(results: dict[str, list[Path]], out: Path, window: int = 5) -> Path:
             ms = mean_std([s[key] for s in sums])
             cells.append(f"{ms[0]:.3f} +- {ms[1]:.3f}" if ms else "n/a")
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    if "grpo" in runs:
+        # every config sees the same prompts at the same step for a given seed (the data cursor follows
+        # run.seed), so the difference to GRPO at equal (seed, step) cancels the batch-to-batch swings
+        lines += ["", f"Clean-sample entropy minus GRPO's at the same seed and step (same prompts), mean over "
+                  f"all steps and over the last {window}; mean +- std over seeds:", ""]
+        for name, rs in runs.items():
+            if name == "grpo":
+                continue
+            diffs = [paired_difference(rows, base, "entropy/clean") for rows, base in zip(rs, runs["grpo"])]
+            ms_all = mean_std([float(np.mean(d)) if d else None for d in diffs])
+            ms_last = mean_std([float(np.mean(d[-window:])) if d else None for d in diffs])
+            if ms_all and ms_last:
+                lines.append(f"- {name}: all steps {ms_all[0]:+.3f} +- {ms_all[1]:.3f}; last {window} "
+                             f"{ms_last[0]:+.3f} +- {ms_last[1]:.3f}")
     lines += ["", "Final greedy accuracy per seed:", ""]
     for name, sums in summaries.items():
         accs = ", ".join("n/a" if s["acc_after"] is None else f"{s['acc_after']:.3f}" for s in sums)
@@ -146,6 +167,25 @@ def report(results: dict[str, list[Path]], out: Path, window: int = 5) -> Path:
         path = save_panel(fig, ax, f"{key} (mean +- std over seeds)", out / f"curves_{key.replace('/', '_')}.png")
         plt.close(fig)
         lines.append(f"![{key}]({path.name})")
+    if "grpo" in runs and len(runs) > 1:
+        fig, ax = plt.subplots(figsize=(6.4, 3.8))
+        for name, rs in runs.items():
+            if name == "grpo":
+                continue
+            diffs = [paired_difference(rows, base, "entropy/clean") for rows, base in zip(rs, runs["grpo"])]
+            n = min(len(d) for d in diffs)
+            if n == 0:
+                continue
+            values = np.array([d[:n] for d in diffs])  # [seeds, steps]
+            steps = np.arange(1, n + 1)
+            line, = ax.plot(steps, values.mean(0), label=name)
+            ax.fill_between(steps, values.mean(0) - values.std(0), values.mean(0) + values.std(0),
+                            color=line.get_color(), alpha=0.12)
+        ax.axhline(0.0, color="black", linewidth=0.8)
+        path = save_panel(fig, ax, "entropy/clean minus GRPO's (same seed, step, prompts)",
+                          out / "curves_entropy_minus_grpo.png")
+        plt.close(fig)
+        lines.append(f"![entropy minus GRPO]({path.name})")
     path = out / "report.md"
     path.write_text("\n".join(lines) + "\n")
     (out / "summary.json").write_text(json.dumps(summaries, indent=2))

@@ -59,3 +59,11 @@ def test_report_has_a_row_per_config_and_curves(tmp_path):
         assert (tmp_path / f"curves_{key}.png").stat().st_size > 1000
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["default"][0]["entropy_change"] == pytest.approx(0.2)
+
+
+def test_paired_difference_matches_steps():
+    from cluster.compare import paired_difference
+
+    a = [{"step": 1, "x": 1.0}, {"step": 2, "x": 3.0}, {"step": 3, "x": 5.0}]
+    b = [{"step": 2, "x": 1.0}, {"step": 1, "x": 0.5}, {"step": 0, "x": 9.0}]
+    assert paired_difference(a, b, "x") == [0.5, 2.0]
