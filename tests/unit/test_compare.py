@@ -55,6 +55,7 @@ def test_report_has_a_row_per_config_and_curves(tmp_path):
     text = report(results, tmp_path, window=1).read_text()
     assert "| grpo | 0.500 +- 0.000 | 0.650 +- 0.050 | 0.150 +- 0.050 |" in text
     assert "- default: 0.600, 0.700" in text
+    assert "n/a" in text  # no attack keys in these runs: the TsEC cells
     for key in ("entropy_clean", "eval_accuracy", "reward_mean"):
         assert (tmp_path / f"curves_{key}.png").stat().st_size > 1000
     summary = json.loads((tmp_path / "summary.json").read_text())

@@ -45,23 +45,3 @@ def test_cursor_covers_each_epoch_once_and_resumes_exactly():
     b = Cursor(10, 4, seed=3, shuffle=True, state=json.loads(json.dumps(a.state())))
     assert [a.next() for _ in range(4)] == [b.next() for _ in range(4)]
     assert Cursor(3, 5, seed=0, shuffle=False).next() == [0, 1, 2]
-
-
-def test_compare_report_tables_and_curves(tmp_path):
-    from cluster.compare import report
-
-    runs = {}
-    for name, acc in (("grpo", 0.3), ("saei", 0.4)):
-        dirs = []
-        for seed in range(2):
-            d = tmp_path / f"{name}{seed}"
-            d.mkdir()
-            rows = [{"step": s, "reward/mean": 0.1 * s, "entropy/clean": 1.0 - 0.1 * s} for s in (1, 2)]
-            rows.append({"step": 2, "eval/accuracy": acc + 0.1 * seed, "eval/pass@k": acc + 0.2})
-            (d / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-            dirs.append(d)
-        runs[name] = dirs
-    text = report(runs, tmp_path).read_text()
-    assert "| grpo | 0.350 +- 0.050 | 0.500 +- 0.000 |" in text
-    assert "| saei | 0.450 +- 0.050 |" in text and "n/a" in text  # no adversarial keys in these runs
-    assert (tmp_path / "curves_eval_accuracy.png").stat().st_size > 1000
