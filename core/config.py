@@ -296,6 +296,10 @@ class ClusterConfig:
     object store and the next one builds a new group."""
     max_restarts: int = 3
     """Restarts Ray may make of a dead rollout actor."""
+    placement_timeout_s: float = 300
+    """How long a role waits for room on the cluster (a new rollout actor of `cluster.ops scale`, a
+    restarted one) before the job gives up on it with a message naming the resources it asked for; on
+    an autoscaling cluster waiting is normal, so this is minutes, not seconds."""
     namespace: str = "saei"
     """Ray namespace of the job's named actors (the ops CLI finds the controller there)."""
     metrics_export_port: int | None = None

@@ -9,7 +9,7 @@ what differs between the two vLLM builds lives in `actors.engines.vllm_compat`.
   parameters, loads them and runs the layer's post-load processing again: on CPU that repacks the
   linear weights into the GEMM kernels' layout). Tensors travel as safetensors bytes through
   `collective_rpc` (it does not rebuild tensors itself), or as CUDA IPC handles (`weight_transfer=ipc`).
-- Exactness (tests/unit/test_vllm_engine.py): after a load the engine answers as a fresh engine
+- Exactness (tests/integration/test_vllm_engine.py): after a load the engine answers as a fresh engine
   started on those weights, bitwise on CPU. Two things stood in the way, both handled here:
   1. The LM head tied to the embedding (the tiny policy, Qwen2.5-VL-3B): on CPU its GEMM keeps a
      prepacked copy of the embedding, made when the head is processed after loading. The layerwise

@@ -1,6 +1,6 @@
 """core.weights over NCCL (marker gpu): one sender and one receiver on two GPUs, bf16 and fp32 buckets.
 
-NCCL needs a device per rank, so this needs two GPUs; the gloo path runs on CPU in tests/unit/test_weights.py.
+NCCL needs a device per rank, so this needs two GPUs; the gloo path runs on CPU in tests/integration/test_weights.py.
 """
 
 import socket
