@@ -7,6 +7,8 @@ import torch
 from core import synthetic
 from core.policy import (
     QWEN_SPECIAL_TOKENS,
+    TINY_MAX_PIXELS,
+    TINY_MIN_PIXELS,
     build_tiny_policy,
     chat_prompt,
     encode_prompt_response,
@@ -55,6 +57,7 @@ def test_tiny_folder_is_an_ordinary_hf_folder(tiny_policy_dir):
     assert json.loads((tiny_policy_dir / "processor_config.json").read_text())["processor_class"] == "Qwen2VLProcessor"
     pre = json.loads((tiny_policy_dir / "preprocessor_config.json").read_text())
     assert pre["patch_size"] == 14 and pre["merge_size"] == 2
+    assert (pre["min_pixels"], pre["max_pixels"]) == (TINY_MIN_PIXELS, TINY_MAX_PIXELS)  # what vLLM reads
     text = cfg["text_config"]
     head_dim = text["hidden_size"] // text["num_attention_heads"]
     assert head_dim in (64, 128)
