@@ -24,14 +24,16 @@ EXTRAS ?= dev,cpu
 #   ops nms and qnms without checking that the ops loaded (every other registration checks
 #   `extension._has_ops()`), so `import torchvision` raises "operator torchvision::nms does not exist".
 #   TORCHVISION_FIX guards those two decorators with the same check (idempotent; a no-op for a
-#   torchvision whose ops load). tests/unit/test_install.py fails if vllm or the processor cannot import.
+#   torchvision whose ops load). The stamp file records the extras installed, and
+#   tests/integration/test_install.py fails if the cpu extra is in but vllm, torchvision or the
+#   processor cannot import (in `make test` and `make test-fast`).
 TORCHVISION_FIX = import importlib.util, pathlib, re; \
   p = pathlib.Path(importlib.util.find_spec("torchvision").submodule_search_locations[0], "_meta_registrations.py"); \
   p.write_text(re.sub(r"^@torch\.library\.register_fake\((.torchvision::\w+.)\)$$", \
     r"@(torch.library.register_fake(\1) if torchvision.extension._has_ops() else (lambda fn: fn))", \
     p.read_text(), flags=re.M))
 
-.PHONY: setup train compare bootstrap test bench lint clean
+.PHONY: setup train compare bootstrap test test-fast bench lint clean
 
 setup: $(STAMP)
 
@@ -46,7 +48,7 @@ ifneq (,$(findstring cpu,$(EXTRAS)))
 	$(PY) -c '$(TORCHVISION_FIX)'
 	$(PY) -c 'import vllm, torchvision; from transformers.models.qwen2_vl.image_processing_qwen2_vl import smart_resize'
 endif
-	@touch $(STAMP)
+	@printf 'extras=%s\ntorch=%s\n' '$(EXTRAS)' '$(TORCH_VERSION)' > $(STAMP)
 
 # The embedded default: synthetic data + tiny policy + supervised bootstrap (cached under runs/, built
 # only when missing), then the SaEI-GRPO job on local Ray. Prints the run folder, plots, checkpoint.
@@ -60,8 +62,13 @@ compare: setup
 bootstrap: setup
 	$(PY) -m cluster.bootstrap --config $(CONFIG) --force $(ARGS)
 
+# The full suite (what CI runs): every tier, slow tests included (tens of minutes on 2 cores).
 test: setup
 	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+# The quick loop: the pure unit tests and the install check, no slow test (markers: tests/conftest.py).
+test-fast: setup
+	$(PY) -m pytest -q -m "not slow" tests/unit tests/integration/test_install.py $(PYTEST_ARGS)
 
 bench: setup
 	@set -e; found=0; for f in bench/*.py; do [ -e "$$f" ] || continue; [ "$$f" = bench/shapes.py ] && continue; found=1; echo "== $$f"; $(PY) $$f; done; \

@@ -38,6 +38,11 @@ class AttackResult:
     """I_adv (the clean image itself for kind `none`)."""
     metrics: dict[str, float] = field(default_factory=dict)
     """tsec/before, tsec/after, entropy/clean, egas/* or noise/*, time/attack_s."""
+    weights_version: int | None = None
+    """Version of the weights the attack ran on (set by the AdversaryActor; None in process)."""
+    weights_fingerprint: str | None = None
+    """core.weights.fingerprint of those weights (None: the folder's, or in process): checked by the driver
+    against the learner's with core.members.check_served."""
 
 
 def _head_entropy(head: torch.nn.Module, hidden: torch.Tensor, chunk: int) -> torch.Tensor:
@@ -106,11 +111,13 @@ class Attacker:
         """Take the learner's new weights (full state dict, Hugging Face names); strict."""
         self.policy.load_state_dict({k: v.to(self.device) for k, v in named_tensors.items()}, strict=True)
 
-    def receive_weights(self, info: weights.GroupInfo, rank: int) -> int:
+    def receive_weights(self, info: weights.GroupInfo, rank: int) -> tuple[int, str | None]:
         """Take the learner's new weights from a sync of the weight group `info` (as its `rank`); returns
-        the version. A manifest that does not match the policy raises and changes nothing."""
+        the version and the fingerprint of what arrived. A manifest that does not match the policy raises
+        and changes nothing."""
         self._wgroup = weights.join(getattr(self, "_wgroup", None), info, rank)
-        return weights.receive_into(self._wgroup, self.policy.state_dict()).version
+        version = weights.receive_into(self._wgroup, self.policy.state_dict()).version
+        return version, self._wgroup.last_fingerprint
 
     def selective_objective(self, items: list[tuple[Prompt, list[torch.Tensor]]],
                             places: list[tuple[int, int, int]]):

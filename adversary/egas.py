@@ -53,6 +53,11 @@ def _scalar(value, what: str) -> torch.Tensor:
     return value.reshape(())
 
 
+def _levels_to_float(levels: torch.Tensor) -> torch.Tensor:
+    # float32 levels / 255 is the same float as to_float_image of that uint8 value
+    return levels.to(torch.float32) / _LEVELS
+
+
 def pgd_attack(objective: Callable[[torch.Tensor], torch.Tensor], image_u8, step_size: float = 2 / 255,
                steps: int = 1, eps: float | None = None, device: str | torch.device | None = None,
                ) -> tuple[np.ndarray, dict[str, float]]:
@@ -78,15 +83,7 @@ def pgd_attack(objective: Callable[[torch.Tensor], torch.Tensor], image_u8, step
     ``egas/changed_frac`` (fraction of pixel channel values changed), ``egas/steps``,
     ``egas/rounded`` (0/1), ``egas/nonfinite_grad`` (gradient entries that were NaN, treated as 0).
     """
-    if steps < 0 or int(steps) != steps:
-        raise ValueError(f"steps must be a non-negative integer, got {steps!r}")
-    steps = int(steps)
-    if not (step_size > 0 and math.isfinite(step_size)):
-        raise ValueError(f"step_size must be positive and finite, got {step_size!r}")
-    if eps is None:
-        eps = step_size * steps
-    if not (eps >= 0 and math.isfinite(eps)):
-        raise ValueError(f"eps must be non-negative and finite, got {eps!r}")
+    steps, eps = _check_pgd_args(steps, step_size, eps)
     u8 = _as_uint8_hwc(image_u8)
     dev = torch.device(device) if device is not None else torch.device("cpu")
 
@@ -99,14 +96,10 @@ def pgd_attack(objective: Callable[[torch.Tensor], torch.Tensor], image_u8, step
     hi = (x0_lv + eps_lv).clamp_(max=float(_LEVELS))
     x_lv = x0_lv.clone()
 
-    def as_float(levels: torch.Tensor) -> torch.Tensor:
-        # float32 levels / 255 is the same float as to_float_image of that uint8 value
-        return levels.to(torch.float32) / _LEVELS
-
     before = None
     nonfinite = 0
     for _ in range(steps):
-        x = as_float(x_lv).requires_grad_(True)
+        x = _levels_to_float(x_lv).requires_grad_(True)
         value = _scalar(objective(x), "objective(x)")
         if before is None:
             before = float(value.detach())
@@ -121,21 +114,17 @@ def pgd_attack(objective: Callable[[torch.Tensor], torch.Tensor], image_u8, step
         x_lv = torch.minimum(torch.maximum(x_lv + step_lv * direction, lo), hi)
     if before is None:
         with torch.no_grad():
-            before = float(_scalar(objective(as_float(x0_lv)), "objective(x0)"))
+            before = float(_scalar(objective(_levels_to_float(x0_lv)), "objective(x0)"))
 
     if exact:
-        x_final = as_float(x_lv)
-        off = (x_final.to(torch.float64) * _LEVELS - torch.round(x_final.to(torch.float64) * _LEVELS)).abs()
-        if float(off.max()) > _EXACT_TOL:
-            raise AssertionError(f"PGD iterate left the uint8 grid (max offset {float(off.max()):.3g} levels) "
-                                 "although step and eps are multiples of 1/255")
+        _check_on_grid(_levels_to_float(x_lv))
     adv_lv = torch.round(x_lv).clamp_(0, _LEVELS)
     adv_u8 = adv_lv.to(torch.uint8).permute(1, 2, 0).contiguous().cpu().numpy()
 
     with torch.no_grad():
         after = float(_scalar(objective(to_float_image(adv_u8).to(dev)), "objective(x_adv)"))
     change = (adv_lv - x0_lv).abs()
-    metrics = {
+    return adv_u8, {
         "egas/objective_before": before,
         "egas/objective_after": after,
         "egas/linf": float(change.max()) / _LEVELS if change.numel() else 0.0,
@@ -144,7 +133,29 @@ def pgd_attack(objective: Callable[[torch.Tensor], torch.Tensor], image_u8, step
         "egas/rounded": 0.0 if exact else 1.0,
         "egas/nonfinite_grad": float(nonfinite),
     }
-    return adv_u8, metrics
+
+
+def _check_pgd_args(steps, step_size: float, eps: float | None) -> tuple[int, float]:
+    """(steps as int, eps with its default step_size * steps), or ValueError for a bad argument."""
+    if steps < 0 or int(steps) != steps:
+        raise ValueError(f"steps must be a non-negative integer, got {steps!r}")
+    steps = int(steps)
+    if not (step_size > 0 and math.isfinite(step_size)):
+        raise ValueError(f"step_size must be positive and finite, got {step_size!r}")
+    if eps is None:
+        eps = step_size * steps
+    if not (eps >= 0 and math.isfinite(eps)):
+        raise ValueError(f"eps must be non-negative and finite, got {eps!r}")
+    return steps, eps
+
+
+def _check_on_grid(x: torch.Tensor) -> None:
+    """x [3, H, W] float32 in [0, 1] must be k/255 for integers k (the exact-step guarantee)."""
+    x = x.to(torch.float64) * _LEVELS
+    off = float((x - torch.round(x)).abs().max()) if x.numel() else 0.0
+    if off > _EXACT_TOL:
+        raise AssertionError(f"PGD iterate left the uint8 grid (max offset {off:.3g} levels) "
+                             "although step and eps are multiples of 1/255")
 
 
 def sigmoid_beta_schedule(T: int = 1000, beta_start: float = 1e-5, beta_end: float = 5e-3,

@@ -25,12 +25,8 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
+from core.images import smart_resize
 from core.policy import image_size_limits
-
-try:  # the PIL image-processor module imports without torchvision (see STACK-NOTES.md)
-    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
-except ImportError:  # pragma: no cover - older transformers layout
-    from transformers.models.qwen2_vl.image_processing_qwen2_vl import smart_resize
 
 __all__ = ["image_to_model_inputs", "to_float_image", "to_uint8_image"]
 

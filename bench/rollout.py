@@ -27,7 +27,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from actors.engines import GenerationRequest, make_engine  # noqa: E402
-from actors.rollout import RolloutPool, RolloutRequest  # noqa: E402
+from actors.pool import RolloutPool, RolloutRequest  # noqa: E402
 from bench.shapes import SHAPES, write_policy  # noqa: E402
 from cluster.train import init_ray  # noqa: E402
 from core.batch import Prompt  # noqa: E402

@@ -7,8 +7,9 @@ One process, one local Ray cluster, one rollout pool, learner group and adversar
 alternate on the same prompts (SaEI: n_clean = n_adv = N/2 with the PGD attack; GRPO: n_clean = N,
 n_adv = 0), so drift and noise hit both alike. Prints the median step time of each and, as its last
 line, `saei_vs_grpo_step_ratio=<x>` (the goal: <= 1.10: the streamed attack hides behind generation).
-The policy is the config's `model.path` when it exists, else a tiny one with random weights (no
-bootstrap: both kinds then generate max_new_tokens every time, which is the same work for both).
+The policy is the config's `model.path` (bootstrap it first: `make bootstrap`); `--random-policy` times a
+tiny policy with random weights instead (both kinds then generate max_new_tokens every time, the same
+work for both, but not the response lengths of a trained policy).
 """
 
 from __future__ import annotations
@@ -24,9 +25,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from actors.rollout import RolloutPool  # noqa: E402
+from actors.pool import RolloutPool  # noqa: E402
 from adversary.actor import create_adversary_actor  # noqa: E402
-from cluster.bootstrap import ensure_data, load_split  # noqa: E402
+from cluster.bootstrap import ensure_data, load_split, policy_dir  # noqa: E402
 from cluster.pipeline import Parts, saei_step  # noqa: E402
 from cluster.train import init_ray  # noqa: E402
 from core.config import load_config  # noqa: E402
@@ -38,6 +39,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", default=str(Path(__file__).resolve().parents[1] / "configs/default.yaml"))
     ap.add_argument("--steps", type=int, default=4, help="timed steps of each kind (after one warm-up each)")
+    ap.add_argument("--random-policy", action="store_true",
+                    help="time a tiny policy with random weights instead of the config's model.path")
     ap.add_argument("overrides", nargs="*")
     args = ap.parse_args()
     torch.set_num_threads(1)
@@ -45,9 +48,16 @@ def main() -> None:
     total = cfg.rollout.n_clean + cfg.rollout.n_adv
     ensure_data(cfg)
     tmp = tempfile.TemporaryDirectory()
-    path = Path(cfg.model.path)
-    if not (path / "config.json").exists():
+    path = policy_dir(cfg) if cfg.model.build_tiny else Path(cfg.model.path)  # the cache of these settings
+    if args.random_policy:
         path = build_tiny_policy(Path(tmp.name) / "tiny", arch=cfg.model.arch)
+        print(f"policy: a tiny {cfg.model.arch} with random weights (--random-policy), not {cfg.model.path}")
+    elif not (path / "config.json").exists():
+        sys.exit(f"error: no policy at {path} (model.path={cfg.model.path}): bootstrap it first (`python -m "
+                 "cluster.bootstrap` with the same config and overrides), or pass --random-policy to time one with "
+                 "random weights")
+    else:
+        print(f"policy: {path}")
     prompts = load_split(cfg, load_processor(path), cfg.data.train_files, cfg.data.batch_size)
 
     ray = init_ray(cfg)

@@ -4,8 +4,10 @@
 
 Each (config, seed) is one `python -m cluster.train` run in its own process (its own local Ray): the
 typed defaults (the embedded task, as configs/default.yaml spells out), the named config file, then
-the overrides. All runs share one synthetic data set and one bootstrapped policy under runs/, and each
-evaluates that policy before its first step. The report (`<out>/report.md`) has, per config, mean +-
+the overrides. All runs share one data set and one bootstrapped policy (under `--shared`, runs/ by
+default, built with the overrides applied: a `model.path` or `data.*` override is what every run
+uses), and each evaluates that policy before its first step. `run.output_dir`, `run.name` and
+`run.seed` are compare's to set (--out, --seeds) and refused as overrides. The report (`<out>/report.md`) has, per config, mean +-
 std over seeds of: greedy test accuracy before and after and its change, pass@k, the policy entropy
 of the first and last `--window` steps, selective entropy before / after the attack, and seconds per
 step; then each seed's final accuracy; `<out>/curves_*.png` draw each config's mean curve with a band
@@ -40,18 +42,43 @@ LEGEND = {
 CURVES = ["entropy/clean", "eval/accuracy", "reward/mean"]
 
 
-def run_one(name: str, seed: int, out: Path, overrides: list[str]) -> Path:
+PER_RUN = ("run.output_dir", "run.name", "run.seed")  # compare sets these for each run (--out, --seeds)
+
+
+def prepare_shared(overrides: list[str], shared_dir: str | Path = "runs") -> list[str]:
+    """Build (or find) the data and the bootstrapped policy that every run shares, with the user's
+    overrides applied (their `model.path` / `data.*` win; a synthetic setting such as
+    `data.synthetic.difficulty` gets its own cached data and policy: cluster.caches), and return the
+    overrides that pin every run to them (absolute paths: the runs start in the repository)."""
+    from cluster.bootstrap import ensure_data, ensure_policy
+    from core.config import load_config
+
+    shared = load_config(REPO / "configs" / "default.yaml", [*overrides, f"run.output_dir={shared_dir}"])
+    ensure_data(shared)  # may point the data paths at a folder keyed by the synthetic settings
+    policy = ensure_policy(shared)
+
+    def files(paths: list[str]) -> str:
+        return "[" + ",".join(str(Path(f).resolve()) for f in paths) + "]"
+
+    return [f"model.path={Path(policy).resolve()}", f"data.train_files={files(shared.data.train_files)}",
+            f"data.test_files={files(shared.data.test_files)}"]
+
+
+def train_command(name: str, seed: int, root: Path, overrides: list[str], pinned: list[str]) -> list[str]:
+    """The `cluster.train` command of one run: its config file, the per-run keys, the user's overrides,
+    then the shared inputs (`pinned`, from prepare_shared: derived from those same overrides)."""
+    return [sys.executable, "-m", "cluster.train", "--config", str(REPO / "configs" / f"{name}.yaml"),
+            f"run.output_dir={root}", f"run.name={name}", f"run.seed={seed}", "logging.progress_bar=false",
+            "cluster.dashboard=false", *overrides, *pinned]
+
+
+def run_one(name: str, seed: int, out: Path, overrides: list[str], pinned: list[str]) -> Path:
     """One training run; returns its run folder (reused if a finished one is already there)."""
     root = out / f"{name}-seed{seed}"
     done = sorted(root.glob("*/summary.json"))
     if done:
         return done[-1].parent
-    cmd = [sys.executable, "-m", "cluster.train", "--config", str(REPO / "configs" / f"{name}.yaml"),
-           f"run.output_dir={root}", f"run.name={name}", f"run.seed={seed}", "logging.progress_bar=false",
-           "cluster.dashboard=false", *overrides]
-    # the shared artefacts (data, bootstrapped policy) stay where default.yaml puts them
-    cmd += ["model.path=runs/tiny_policy/bootstrap", "data.train_files=[runs/data/synthetic/train.parquet]",
-            "data.test_files=[runs/data/synthetic/test.parquet]"]
+    cmd = train_command(name, seed, root, overrides, pinned)
     print(f"== {name} seed {seed}", flush=True)
     t0 = time.perf_counter()
     env = dict(os.environ, PYTHONPATH=str(REPO))
@@ -199,21 +226,24 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--out", default="runs/compare")
     parser.add_argument("--window", type=int, default=5, help="steps averaged for the first / last entropy")
+    parser.add_argument("--shared", default="runs", help="folder of the data and the bootstrapped policy that all "
+                        "runs share (cached there, keyed by their settings)")
     parser.add_argument("overrides", nargs="*", help="config overrides for every run, key=value")
     args = parser.parse_args(argv)
     missing = [n for n in args.configs if not (REPO / "configs" / f"{n}.yaml").is_file()]
     if missing:
         parser.error(f"no such config: {', '.join(f'configs/{n}.yaml' for n in missing)}")
+    per_run = [o for o in args.overrides if o.split("=", 1)[0].lstrip("+~") in PER_RUN]
+    if per_run:
+        parser.error(f"{', '.join(per_run)}: compare sets {', '.join(PER_RUN)} for each run; use --out for the "
+                     "folder, --seeds for the seeds (the name is the config's)")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    from cluster.bootstrap import ensure_data, ensure_policy
-    from core.config import load_config
-
     t0 = time.perf_counter()
-    shared = load_config(REPO / "configs" / "default.yaml", ["run.output_dir=runs"])
-    ensure_data(shared)
-    ensure_policy(shared)
-    results = {name: [run_one(name, seed, out, args.overrides) for seed in args.seeds] for name in args.configs}
+    pinned = prepare_shared(args.overrides, args.shared)
+    print("shared inputs: " + " ".join(pinned), flush=True)
+    results = {name: [run_one(name, seed, out, args.overrides, pinned) for seed in args.seeds]
+               for name in args.configs}
     path = report(results, out, args.window)
     print(path.read_text())
     print(f"report: {path}  ({time.perf_counter() - t0:.0f} s in all)")

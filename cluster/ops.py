@@ -4,7 +4,8 @@ The job registers a named, detached-for-its-lifetime `JobController` actor (name
 the config's `cluster.namespace`, `saei` by default). The driver reports every step to it and, between
 steps, applies a resize someone asked for; this CLI only reads and writes the controller, so it
 never blocks the job. It finds the cluster through `--address`, `RAY_ADDRESS`, or the running local
-one (`auto`).
+one (`auto`); with no cluster there it prints one `error:` line and exits 2. `scale --wait S` exits 1
+with a line saying what the job reports when it has not reported the new size within S seconds.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import socket
 import sys
 import time
 
@@ -57,10 +59,32 @@ def start_controller(namespace: str, run_name: str, rollout_workers: int):
     return JobController.options(name=CONTROLLER, namespace=namespace).remote(run_name, rollout_workers)
 
 
+class NoCluster(RuntimeError):
+    """No Ray cluster answers at the address the CLI was pointed at."""
+
+
+def _reachable(address: str, timeout: float = 5.0) -> bool:
+    """Whether something listens at a `host:port` address (Ray itself retries a dead one for minutes)."""
+    host, _, port = address.rpartition(":")
+    if "://" in address or not host or not port.isdigit():
+        return True  # a ray:// client address or a name Ray resolves itself: let ray.init judge
+    try:
+        with socket.create_connection((host, int(port)), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
 def _connect(address: str | None, namespace: str):
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-    ray.init(address=address or os.environ.get("RAY_ADDRESS") or "auto", namespace=namespace,
-             logging_level="ERROR", log_to_driver=False)
+    address = address or os.environ.get("RAY_ADDRESS") or "auto"
+    if not ray.is_initialized():
+        if address != "auto" and not _reachable(address):
+            raise NoCluster(f"nothing answers at {address}")
+        try:
+            ray.init(address=address, namespace=namespace, logging_level="ERROR", log_to_driver=False)
+        except ConnectionError as err:
+            raise NoCluster(str(err).splitlines()[0] if str(err) else type(err).__name__) from None
     try:
         return ray.get_actor(CONTROLLER, namespace=namespace)
     except ValueError:
@@ -79,7 +103,14 @@ def main(argv: list[str] | None = None) -> int:
     scale.add_argument("--wait", type=float, default=0.0, help="seconds to wait until the job reports the new size")
     args = parser.parse_args(argv)
 
-    controller = _connect(args.address, args.namespace)
+    try:
+        controller = _connect(args.address, args.namespace)
+    except NoCluster as err:
+        where = args.address or os.environ.get("RAY_ADDRESS") or "auto (the running local cluster)"
+        print(f"error: no Ray cluster at {where} ({err}); point the CLI at the job's cluster with "
+              "--address HOST:PORT or RAY_ADDRESS=HOST:PORT (the head's GCS address, `ray status` shows it)",
+              file=sys.stderr)
+        return 2
     try:
         return _command(args, controller)
     except ray.exceptions.RayActorError:
@@ -96,14 +127,23 @@ def _command(args, controller) -> int:
         return 2
     ray.get(controller.request_rollout_workers.remote(args.rollout_workers))
     print(f"requested {args.rollout_workers} rollout workers (applied before the next step)")
+    if args.wait <= 0:
+        return 0
     deadline = time.time() + args.wait
-    while time.time() < deadline:
+    while True:
         status = ray.get(controller.get_status.remote())
         if status.get("rollout_workers") == args.rollout_workers and status.get("requested_rollout_workers") is None:
             print(f"rollout pool is now {args.rollout_workers} workers (step {status.get('step')})")
             return 0
+        if time.time() >= deadline:
+            break
         time.sleep(0.5)
-    return 0 if args.wait == 0 else 1
+    pending = status.get("requested_rollout_workers")
+    print(f"error: waited {args.wait:g} s for the job to report {args.rollout_workers} rollout workers; it reports "
+          f"{status.get('rollout_workers')} (state {status.get('state')}, step {status.get('step')}, request "
+          f"{'pending: the job has reached no step boundary since' if pending is not None else 'taken, being applied'});"
+          " the job applies it at its next step boundary, `python -m cluster.ops status` follows it", file=sys.stderr)
+    return 1
 
 
 if __name__ == "__main__":

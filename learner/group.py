@@ -9,7 +9,6 @@ Ray, for tests and for debugging with breakpoints.
 from __future__ import annotations
 
 import os
-import socket
 import time
 
 import ray
@@ -19,6 +18,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from core.batch import TrainBatch
 from core.config import Config
+from core.devices import free_port, role_device
 from core.weights import GroupInfo
 from learner.worker import LearnerWorker, learner_threads
 
@@ -30,23 +30,26 @@ class LearnerActor:
     def address(self) -> tuple[str, int]:
         """This node's address and a free port on it (rank 0's are the rendezvous point)."""
         ip = ray.util.get_node_ip_address()
-        with socket.socket() as s:
-            s.bind((ip, 0))
-            return ip, s.getsockname()[1]
+        return ip, free_port(ip)
+
+    def pid(self) -> int:
+        """This rank's process id (for ops and for the tests that kill a rank)."""
+        return os.getpid()
 
     def setup(self, model_path: str, cfg: Config, rank: int, world_size: int, master_addr: str,
               master_port: int) -> bool:
         os.environ.setdefault("OMP_NUM_THREADS", "1")
-        device = "cuda" if cfg.cluster.learner_gpus > 0 and torch.cuda.is_available() else "cpu"
         self.worker = LearnerWorker(model_path, cfg, rank=rank, world_size=world_size, master_addr=master_addr,
-                                    master_port=master_port, device=device)
+                                    master_port=master_port, device=role_device(cfg.cluster.learner_gpus))
         return True
 
     def update(self, batch: TrainBatch) -> dict[str, float]:
         return self.worker.update(batch)
 
-    def export_weights(self) -> dict[str, torch.Tensor]:
-        return self.worker.export_weights()
+    @ray.method(num_returns=2)
+    def export_weights(self) -> tuple[dict[str, torch.Tensor], bool]:
+        """(the weights, True): the small second value says "done" without fetching the first."""
+        return self.worker.export_weights(), True
 
     def broadcast_weights(self, info: GroupInfo, version: int, bucket_bytes: int) -> float:
         return self.worker.broadcast_weights(info, version, bucket_bytes)
@@ -73,9 +76,13 @@ class LearnerRankDied(RuntimeError):
         super().__init__(f"learner rank {rank} died during {call} ({type(cause).__name__})")
 
 
+# How long a rank's error waits for Ray to report a peer's death that may have caused it.
+_DEATH_GRACE_S = 10.0
+
+
 def _all_ranks(refs: list, call: str, timeout: float | None = None) -> list:
     """Every rank's result; the first rank that died is named at once (the others would wait for it in a
-    collective until the group's timeout)."""
+    collective until the group's timeout, learner.worker.GROUP_TIMEOUT)."""
     pending = dict(zip(refs, range(len(refs))))
     results: list = [None] * len(refs)
     deadline = None if timeout is None else time.monotonic() + timeout
@@ -90,7 +97,29 @@ def _all_ranks(refs: list, call: str, timeout: float | None = None) -> list:
                 results[rank] = ray.get(ref)
             except ray.exceptions.RayActorError as err:
                 raise LearnerRankDied(rank, call, err) from err
+            except ray.exceptions.RayError:
+                _raise_if_a_rank_died(pending, call)
+                raise
     return results
+
+
+def _raise_if_a_rank_died(pending: dict, call: str) -> None:
+    """Raise LearnerRankDied if one of the `pending` ranks ({ref: rank}) turns out dead within the grace.
+
+    A rank's error is often the echo of a peer's death (gloo: "Connection closed by peer") and can arrive
+    before Ray reports that death; the dead rank is the one to name, not the survivor that noticed it.
+    """
+    deadline = time.monotonic() + _DEATH_GRACE_S
+    while pending and (left := deadline - time.monotonic()) > 0:
+        ready, _ = ray.wait(list(pending), num_returns=1, timeout=left)
+        for ref in ready:
+            rank = pending.pop(ref)
+            try:
+                ray.get(ref)
+            except ray.exceptions.RayActorError as err:
+                raise LearnerRankDied(rank, call, err) from err
+            except ray.exceptions.RayError:
+                pass
 
 
 class LearnerGroup:
@@ -103,8 +132,7 @@ class LearnerGroup:
         self.actors: list = []
         self.pg = None
         if n == 0:
-            device = "cuda" if cfg.cluster.learner_gpus > 0 and torch.cuda.is_available() else "cpu"
-            self.local = LearnerWorker(model_path, cfg, device=device)
+            self.local = LearnerWorker(model_path, cfg, device=role_device(cfg.cluster.learner_gpus))
             return
         bundle = {"CPU": cfg.cluster.learner_cpus}
         if cfg.cluster.learner_gpus > 0:
@@ -142,9 +170,11 @@ class LearnerGroup:
         """The weights as an object-store reference, to hand to many actors without a driver copy."""
         if self.local is not None:
             return ray.put(self.local.export_weights())
-        refs = [a.export_weights.remote() for a in self.actors]
-        ray.wait(refs[1:], num_returns=len(refs) - 1)  # the others return {} once the gather is done
-        return refs[0]
+        refs = [a.export_weights.remote() for a in self.actors]  # (weights, done) of each rank; {} but on rank 0
+        # every rank, rank 0 included, must be done: a rank that died is named now, not by whoever
+        # later reads the reference (a rollout actor, the adversary), nor by a hang in the gather
+        _all_ranks([done for _, done in refs], "export_weights")
+        return refs[0][0]
 
     def weights_fingerprint(self) -> str | None:
         """Fingerprint (core.weights) of the weights rank 0 last exported or broadcast."""
@@ -156,9 +186,7 @@ class LearnerGroup:
         """Address of rank 0's node and a free port on it: where a weight group's store lives."""
         if self.local is not None:
             ip = ray.util.get_node_ip_address() if ray.is_initialized() else "127.0.0.1"
-            with socket.socket() as s:
-                s.bind((ip, 0))
-                return ip, s.getsockname()[1]
+            return ip, free_port(ip)
         return ray.get(self.actors[0].address.remote())
 
     def broadcast_weights(self, info: GroupInfo, version: int, bucket_bytes: int, timeout: float | None = None) -> float:
@@ -180,7 +208,7 @@ class LearnerGroup:
         """Resume every rank from `path`; returns the client state saved with it."""
         if self.local is not None:
             return self.local.load(path)
-        return ray.get([a.load.remote(path) for a in self.actors])[0]
+        return _all_ranks([a.load.remote(path) for a in self.actors], "load")[0]
 
     def shutdown(self) -> None:
         """Stop the ranks and free their placement group (the in-process worker keeps its group)."""

@@ -3,10 +3,12 @@
 Pure tensor functions, no ray / project imports, so they run unchanged in unit tests and inside the
 FSDP learner. Loss functions return ``(value, metrics)`` with metrics as python floats.
 
-The two covariance-based variants follow the Entropy-Mechanism-of-RL paper (arXiv 2505.22617) as
-implemented in verl (``verl/trainer/ppo/core_algos.py``: ``compute_policy_loss_kl_cov`` and
-``compute_policy_loss_clip_cov``); each branch below names the function it mirrors and the few places
-where we differ.
+``policy_loss`` reads as the math: ratios, then one per-token loss piece per mode (``clip_losses``,
+``kl_cov_losses``, ``clip_cov_losses``, each returning ``(per-token losses, metrics)``), then the
+aggregation and the KL penalty. The two covariance-based variants follow the Entropy-Mechanism-of-RL
+paper (arXiv 2505.22617) as implemented in verl (``verl/trainer/ppo/core_algos.py``:
+``compute_policy_loss_kl_cov`` and ``compute_policy_loss_clip_cov``); each piece names the function it
+mirrors and the few places where we differ.
 """
 
 from __future__ import annotations
@@ -95,33 +97,14 @@ def _aggregate(loss_mat: torch.Tensor, mask: torch.Tensor, aggregation: str) -> 
     return torch.where(has_tokens, seq_mean, torch.zeros_like(seq_mean)).sum() / has_tokens.sum().clamp(min=1)
 
 
-def policy_loss(
-    logprobs: torch.Tensor,  # [B, L] float, current policy, requires grad
-    old_logprobs: torch.Tensor,  # [B, L] float, behaviour (old) policy
-    advantages: torch.Tensor,  # [B] or [B, L] float; [B] is broadcast over the sequence
-    mask: torch.Tensor,  # [B, L] bool, True on response tokens that count
-    clip_low: float = 0.2,
-    clip_high: float = 0.2,
-    aggregation: str = "token-mean",
-    ref_logprobs: torch.Tensor | None = None,  # [B, L] float, reference policy
-    kl_coef: float = 0.0,
-    mode: str = "clip",
-    kl_cov_frac: float = 0.002,
-    kl_cov_coef: float = 1.0,
-    clip_cov_frac: float = 0.0002,
-    clip_cov_bounds: tuple[float, float] = (1.0, 5.0),
-    generator: torch.Generator | None = None,
-) -> tuple[torch.Tensor, dict[str, float]]:
-    """GRPO policy loss; returns ``(scalar loss, metrics)``.
-
-    mode ``clip``: PPO clipped surrogate ``-min(r A, clip(r, 1-clip_low, 1+clip_high) A)`` without
-    dual-clip (verl's ``compute_policy_loss_vanilla`` minus its ``clip_ratio_c`` branch).
-    mode ``kl_cov`` / ``clip_cov``: see the branches below (verl's Entropy-Mechanism variants).
-
-    With ``ref_logprobs`` and ``kl_coef > 0`` the k3 KL to the reference is added per token before
-    aggregation, as GRPO does; since both parts are aggregated with the same mask and mode this equals
-    verl's ``pg_loss + kl_coef * kl_loss``. Gradients reach ``logprobs`` only.
-    """
+def _check_policy_loss_args(
+    logprobs: torch.Tensor,  # [B, L] float
+    old_logprobs: torch.Tensor,  # [B, L] float
+    advantages: torch.Tensor,  # [B] or [B, L] float
+    mask: torch.Tensor,  # [B, L] bool
+    ref_logprobs: torch.Tensor | None,  # [B, L] float
+    clip_low: float, clip_high: float, aggregation: str, mode: str, kl_cov_frac: float, clip_cov_frac: float,
+) -> None:
     if aggregation not in _AGGREGATIONS:
         raise ValueError(f"aggregation must be one of {_AGGREGATIONS}, got {aggregation!r}")
     if mode not in _MODES:
@@ -141,91 +124,188 @@ def policy_loss(
     if mode == "clip_cov" and clip_cov_frac <= 0:
         raise ValueError("clip_cov_frac must be > 0")  # verl asserts the same
 
+
+def _valid_only(
+    logprobs: torch.Tensor,  # [B, L] float, requires grad
+    old_logprobs: torch.Tensor,  # [B, L] float
+    advantages: torch.Tensor,  # [B] or [B, L] float
+    mask: torch.Tensor,  # [B, L] bool (or 0/1)
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(logp, old, adv, mask): [B, L] in float32 or wider, exactly 0 off the mask; the bool mask.
+
+    Only logp keeps a gradient. Padding may hold nan/inf; replacing it up front keeps it out of every
+    reduction and out of the backward pass (where() routes a zero gradient to the unselected branch).
+    """
     # bf16 log-probs would make exp(logp - old) too coarse to clip meaningfully.
     dtype = torch.promote_types(logprobs.dtype, torch.float32)
     mask = mask.to(device=logprobs.device, dtype=torch.bool)  # [B, L] bool
     zero = torch.zeros((), dtype=dtype, device=logprobs.device)
-    # Padding may hold nan/inf; replacing it up front keeps it out of every reduction and out of the
-    # backward pass (where() routes a zero gradient to the unselected branch).
     logp = torch.where(mask, logprobs.to(dtype), zero)  # [B, L] dtype, carries the gradient
     old = torch.where(mask, old_logprobs.detach().to(dtype), zero)  # [B, L] dtype
     adv = advantages.detach().to(dtype)
     if adv.dim() == 1:
-        adv = adv[:, None].expand(shape)
+        adv = adv[:, None].expand(logprobs.shape)
     adv = torch.where(mask, adv, zero)  # [B, L] dtype
+    return logp, old, adv, mask
 
-    log_ratio = logp - old  # [B, L] dtype
-    ratio = torch.exp(log_ratio)  # [B, L] dtype
-    pg_unclipped = -adv * ratio  # [B, L] dtype
-    pg_clipped = -adv * torch.clamp(ratio, 1.0 - clip_low, 1.0 + clip_high)  # [B, L] dtype
+
+def clip_losses(
+    pg_unclipped: torch.Tensor,  # [B, L] float, -r A
+    pg_clipped: torch.Tensor,  # [B, L] float, -clip(r, 1 - clip_low, 1 + clip_high) A
+    clip_active: torch.Tensor,  # [B, L] bool, the clipped term is the larger one (valid tokens only)
+    mask: torch.Tensor,  # [B, L] bool
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """PPO's per-token ``max(-r A, -clip(r) A)`` [B, L], without dual-clip (verl's
+    ``compute_policy_loss_vanilla`` minus its ``clip_ratio_c`` branch); metrics: ``clip_frac``."""
+    return torch.maximum(pg_unclipped, pg_clipped), {
+        "actor/clip_frac": _masked_mean(clip_active.to(pg_unclipped.dtype), mask).item()}
+
+
+def kl_cov_losses(
+    pg_unclipped: torch.Tensor,  # [B, L] float, -r A (carries the gradient)
+    log_ratio: torch.Tensor,  # [B, L] float, logp - old (carries the gradient)
+    adv: torch.Tensor,  # [B, L] float, 0 off the mask
+    logp: torch.Tensor,  # [B, L] float, detached, 0 off the mask
+    mask: torch.Tensor,  # [B, L] bool
+    frac: float,
+    coef: float,
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """verl's ``compute_policy_loss_kl_cov`` per token [B, L]: ``-r A``, NO ratio clipping anywhere, plus
+    ``coef * |logp - old|`` on the top ``max(1, int(n_valid * frac))`` valid tokens by
+    ``cov(A, logp) = (A - mean A) (logp - mean logp)`` (means over valid tokens): that restrains exactly
+    the tokens whose confident, rewarded updates drive entropy collapse.
+
+    metrics: ``cov_frac`` (share of valid tokens penalised), ``ppo_kl_abs``, ``clip_frac`` (0: verl
+    reports 0 too).
+    """
+    selected = torch.zeros_like(mask)  # [B, L] bool
+    pg_losses = pg_unclipped
+    n_valid = int(mask.sum().item())
+    if n_valid > 0:
+        flat_idx = torch.nonzero(mask.reshape(-1), as_tuple=True)[0]  # [n_valid] int64
+        v_adv = adv.reshape(-1)[flat_idx]
+        v_logp = logp.reshape(-1)[flat_idx]
+        cov = (v_adv - v_adv.mean()) * (v_logp - v_logp.mean())  # [n_valid] float
+        top = torch.topk(cov, max(1, int(n_valid * frac)), largest=True).indices
+        selected = selected.reshape(-1).index_fill(0, flat_idx[top], True).reshape(mask.shape)
+        pg_losses = torch.where(selected, pg_unclipped + coef * log_ratio.abs(), pg_unclipped)
+    dtype = pg_unclipped.dtype
+    return pg_losses, {
+        "actor/clip_frac": 0.0,
+        "actor/cov_frac": _masked_mean(selected.to(dtype), mask).item(),
+        "actor/ppo_kl_abs": _masked_mean(log_ratio.detach().abs(), mask).item(),
+    }
+
+
+def clip_cov_losses(
+    pg_unclipped: torch.Tensor,  # [B, L] float, -r A
+    pg_clipped: torch.Tensor,  # [B, L] float, -clip(r) A
+    clip_active: torch.Tensor,  # [B, L] bool, ratio-clipped valid tokens
+    adv: torch.Tensor,  # [B, L] float, 0 off the mask
+    logp: torch.Tensor,  # [B, L] float, detached, 0 off the mask
+    mask: torch.Tensor,  # [B, L] bool
+    frac: float,
+    bounds: tuple[float, float],
+    generator: torch.Generator | None,
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """verl's ``compute_policy_loss_clip_cov`` per token [B, L]: the PPO clipped loss, except that a random
+    ``max(1, int(frac * n_valid))`` of the candidates (valid, not ratio-clipped, ``lb < cov(A, logp) < ub``,
+    the band open as in verl) get their loss multiplied by 0 (verl's ``corr``), which drops both their
+    value and their gradient. verl's clip_cov also has no dual-clip.
+
+    metrics: ``cov_frac`` (share of valid tokens dropped), ``clip_frac``.
+    """
+    lb, ub = bounds
+    selected = torch.zeros_like(mask)  # [B, L] bool
+    cov = (adv - _masked_mean(adv, mask)) * (logp - _masked_mean(logp, mask))  # [B, L] float
+    eligible = mask & ~clip_active & (cov > lb) & (cov < ub)  # verl: cov := -inf on these, then > lb
+    cand = torch.nonzero(eligible)  # [C, 2] int64, row-major like verl
+    if len(cand) > 0:
+        clip_num = max(int(frac * int(mask.sum().item())), 1)
+        # verl uses the global RNG; an explicit generator makes the draw reproducible per rank.
+        perm = torch.randperm(len(cand), generator=generator, device="cpu").to(cand.device)
+        pick = cand[perm[: min(clip_num, len(cand))]]
+        selected = selected.index_put((pick[:, 0], pick[:, 1]), torch.tensor(True, device=mask.device))
+    dtype = pg_unclipped.dtype
+    zero = torch.zeros((), dtype=dtype, device=pg_unclipped.device)
+    pg_losses = torch.where(selected, zero, torch.maximum(pg_unclipped, pg_clipped))
+    return pg_losses, {
+        "actor/clip_frac": _masked_mean(clip_active.to(dtype), mask).item(),
+        # verl's clip_cov reports this as pg_clipfrac; kept apart so clip_frac means one thing.
+        "actor/cov_frac": _masked_mean(selected.to(dtype), mask).item(),
+    }
+
+
+def _ratio_metrics(
+    ratio: torch.Tensor,  # [B, L] float, pi / pi_old
+    log_ratio: torch.Tensor,  # [B, L] float, 0 off the mask
+    mask: torch.Tensor,  # [B, L] bool
+) -> dict[str, float]:
+    with torch.no_grad():
+        r_valid = ratio[mask]  # [n_valid]
+        some = r_valid.numel() > 0
+        return {
+            # k1 estimate E[old - new] over valid tokens, verl's ppo_kl.
+            "actor/approx_kl": _masked_mean(-log_ratio, mask).item(),
+            "actor/ratio_mean": r_valid.mean().item() if some else 0.0,
+            "actor/ratio_max": r_valid.max().item() if some else 0.0,
+            "actor/ratio_min": r_valid.min().item() if some else 0.0,
+        }
+
+
+def policy_loss(
+    logprobs: torch.Tensor,  # [B, L] float, current policy, requires grad
+    old_logprobs: torch.Tensor,  # [B, L] float, behaviour (old) policy
+    advantages: torch.Tensor,  # [B] or [B, L] float; [B] is broadcast over the sequence
+    mask: torch.Tensor,  # [B, L] bool, True on response tokens that count
+    clip_low: float = 0.2,
+    clip_high: float = 0.2,
+    aggregation: str = "token-mean",
+    ref_logprobs: torch.Tensor | None = None,  # [B, L] float, reference policy
+    kl_coef: float = 0.0,
+    mode: str = "clip",
+    kl_cov_frac: float = 0.002,
+    kl_cov_coef: float = 1.0,
+    clip_cov_frac: float = 0.0002,
+    clip_cov_bounds: tuple[float, float] = (1.0, 5.0),
+    generator: torch.Generator | None = None,
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """GRPO policy loss; returns ``(scalar loss, metrics)``.
+
+    mode ``clip``: PPO clipped surrogate ``-min(r A, clip(r, 1-clip_low, 1+clip_high) A)`` (clip_losses).
+    mode ``kl_cov`` / ``clip_cov``: verl's Entropy-Mechanism variants (kl_cov_losses, clip_cov_losses).
+
+    With ``ref_logprobs`` and ``kl_coef > 0`` the k3 KL to the reference is added per token before
+    aggregation, as GRPO does; since both parts are aggregated with the same mask and mode this equals
+    verl's ``pg_loss + kl_coef * kl_loss``. Gradients reach ``logprobs`` only.
+    """
+    _check_policy_loss_args(logprobs, old_logprobs, advantages, mask, ref_logprobs, clip_low, clip_high,
+                            aggregation, mode, kl_cov_frac, clip_cov_frac)
+    logp, old, adv, mask = _valid_only(logprobs, old_logprobs, advantages, mask)  # [B, L] each
+
+    log_ratio = logp - old  # [B, L]
+    ratio = torch.exp(log_ratio)  # [B, L] r = pi / pi_old
+    pg_unclipped = -adv * ratio  # [B, L] -r A
+    pg_clipped = -adv * torch.clamp(ratio, 1.0 - clip_low, 1.0 + clip_high)  # [B, L] -clip(r) A
     clip_active = (pg_clipped > pg_unclipped) & mask  # [B, L] bool, verl's pg_clipfrac criterion
 
-    n_valid = int(mask.sum().item())
-    selected = torch.zeros_like(mask)  # [B, L] bool, tokens picked by kl_cov / clip_cov
-    extra: dict[str, float] = {}
-
     if mode == "clip":
-        pg_losses = torch.maximum(pg_unclipped, pg_clipped)
+        pg_losses, metrics = clip_losses(pg_unclipped, pg_clipped, clip_active, mask)
     elif mode == "kl_cov":
-        # Mirrors verl compute_policy_loss_kl_cov: NO ratio clipping anywhere; the top
-        # max(1, int(n_valid * frac)) tokens by cov(A, logp) (centred over valid tokens, on detached
-        # values) get an extra |logp - old_logp| penalty, which restrains exactly the tokens whose
-        # confident, rewarded updates drive entropy collapse.
-        pg_losses = pg_unclipped
-        if n_valid > 0:
-            flat_idx = torch.nonzero(mask.reshape(-1), as_tuple=True)[0]  # [n_valid] int64
-            v_adv = adv.reshape(-1)[flat_idx]
-            v_logp = logp.detach().reshape(-1)[flat_idx]
-            cov = (v_adv - v_adv.mean()) * (v_logp - v_logp.mean())  # [n_valid] dtype
-            k = max(1, int(n_valid * kl_cov_frac))
-            top = torch.topk(cov, k, largest=True).indices
-            selected = selected.reshape(-1).index_fill(0, flat_idx[top], True).reshape(shape)
-            pg_losses = torch.where(selected, pg_unclipped + kl_cov_coef * log_ratio.abs(), pg_unclipped)
-        extra["actor/ppo_kl_abs"] = _masked_mean(log_ratio.detach().abs(), mask).item()
-        clip_active = torch.zeros_like(mask)  # nothing is ratio-clipped in this mode (verl reports 0)
+        pg_losses, metrics = kl_cov_losses(pg_unclipped, log_ratio, adv, logp.detach(), mask, kl_cov_frac,
+                                           kl_cov_coef)
     else:
-        # Mirrors verl compute_policy_loss_clip_cov: tokens not already clipped by the ratio, whose
-        # cov(A, logp) lies strictly inside (lb, ub), are candidates; a random
-        # max(1, int(frac * n_valid)) of them get their loss multiplied by 0 (verl's `corr`), which
-        # drops both their value and their gradient; the rest keep the standard clipped loss.
-        # verl's clip_cov also has no dual-clip.
-        lb, ub = clip_cov_bounds
-        cov = (adv - _masked_mean(adv, mask)) * (logp.detach() - _masked_mean(logp.detach(), mask))  # [B, L]
-        eligible = mask & ~clip_active & (cov > lb) & (cov < ub)  # verl: cov := -inf on these, then > lb
-        cand = torch.nonzero(eligible)  # [C, 2] int64, row-major like verl
-        if len(cand) > 0:
-            clip_num = max(int(clip_cov_frac * n_valid), 1)
-            # verl uses the global RNG; an explicit generator makes the draw reproducible per rank.
-            perm = torch.randperm(len(cand), generator=generator, device="cpu").to(cand.device)
-            pick = cand[perm[: min(clip_num, len(cand))]]
-            selected = selected.index_put((pick[:, 0], pick[:, 1]), torch.tensor(True, device=mask.device))
-        pg_losses = torch.where(selected, zero, torch.maximum(pg_unclipped, pg_clipped))
+        pg_losses, metrics = clip_cov_losses(pg_unclipped, pg_clipped, clip_active, adv, logp.detach(), mask,
+                                             clip_cov_frac, clip_cov_bounds, generator)
 
     pg_loss = _aggregate(pg_losses, mask, aggregation)
     loss = pg_loss
-    metrics: dict[str, float] = {}
     if ref_logprobs is not None:
-        ref = torch.where(mask, ref_logprobs.detach().to(dtype), zero)  # [B, L] dtype
-        kl = _k3(ref, logp)  # [B, L] dtype
+        ref = torch.where(mask, ref_logprobs.detach().to(logp.dtype), torch.zeros_like(logp.detach()))  # [B, L]
+        kl = _k3(ref, logp)  # [B, L]
         if kl_coef > 0:
             loss = _aggregate(pg_losses + kl_coef * kl, mask, aggregation)
         metrics["actor/kl_ref"] = _masked_mean(kl.detach(), mask).item()
-
-    with torch.no_grad():
-        r_valid = ratio[mask]
-        metrics.update(
-            {
-                "actor/pg_loss": pg_loss.item(),
-                "actor/clip_frac": _masked_mean(clip_active.to(dtype), mask).item(),
-                # k1 estimate E[old - new] over valid tokens, verl's ppo_kl.
-                "actor/approx_kl": _masked_mean(-log_ratio, mask).item(),
-                "actor/ratio_mean": r_valid.mean().item() if n_valid else 0.0,
-                "actor/ratio_max": r_valid.max().item() if n_valid else 0.0,
-                "actor/ratio_min": r_valid.min().item() if n_valid else 0.0,
-            }
-        )
-        if mode != "clip":
-            # verl's clip_cov reports this as pg_clipfrac; kept separate so clip_frac means one thing.
-            metrics["actor/cov_frac"] = _masked_mean(selected.to(dtype), mask).item()
-    metrics.update(extra)
+    metrics["actor/pg_loss"] = pg_loss.item()
+    metrics.update(_ratio_metrics(ratio, log_ratio, mask))
     return loss, metrics

@@ -13,106 +13,38 @@ kl_cov / clip_cov pick their top / random tokens within a micro-batch, as verl d
 Old log-probs are the learner's own: on-policy (the first epoch) they are the detached log-probs of
 the very forward that carries the gradient, so they cost nothing; the engine's log-probs are only
 compared against them (`rollout/logprob_diff`).
+
+The scored module is learner/scorer.py; checkpoints are learner/checkpoint.py; the weights leaving the
+shards (export, broadcast, Hugging Face folder) are learner/weight_export.py.
 """
 
 from __future__ import annotations
 
-import json
 import math
 import os
-import shutil
 import time
 from datetime import timedelta
-from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint.state_dict import (
-    StateDictOptions,
-    get_model_state_dict,
-    get_state_dict,
-    set_state_dict,
-)
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
-from torch.utils.checkpoint import checkpoint
 
 from core import weights
 from core.batch import TrainBatch
 from core.config import Config
-from core.policy import (
-    chat_prompt,
-    encode_groups,
-    load_policy,
-    load_processor,
-    resolve_dtype,
-    response_hidden,
-)
+from core.devices import free_port, role_device
+from core.policy import chat_prompt, encode_groups, load_policy, load_processor, resolve_dtype
 from core.weights import GroupInfo
+from learner.checkpoint import load_checkpoint, save_checkpoint
 from learner.grpo import policy_loss
+from learner.scorer import Scorer
+from learner.weight_export import broadcast_sharded, full_weights
 
-_PREFIX = "policy."  # the state-dict prefix `_Scorer` adds; exported and saved names have none
-
-
-def _head_logprobs(head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor,
-                   chunk: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """log p(target) [N] float32 (with gradient) and entropy [N] float32 (detached) of head(hidden).
-
-    hidden [N, D], targets [N] int64. Chunks of `chunk` rows, recomputed in backward, so at most one
-    [chunk, V] block of logits is alive at a time instead of [N, V].
-    """
-    def part(h: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        logits = head(h).float()  # [n, V] float32
-        lse = logits.logsumexp(-1)
-        logp = logits.gather(-1, t[:, None]).squeeze(-1) - lse
-        with torch.no_grad():
-            entropy = lse - (logits.softmax(-1) * logits).sum(-1)
-        return logp, entropy
-
-    logps, ents = [], []
-    for i in range(0, hidden.shape[0], chunk):
-        h, t = hidden[i:i + chunk], targets[i:i + chunk]
-        if torch.is_grad_enabled() and h.requires_grad:
-            lp, ent = checkpoint(part, h, t, use_reentrant=False)
-        else:
-            lp, ent = part(h, t)
-        logps.append(lp)
-        ents.append(ent)
-    if not logps:
-        empty = hidden.new_zeros(0, dtype=torch.float32)
-        return empty, empty
-    return torch.cat(logps), torch.cat(ents)
-
-
-class _Scorer(torch.nn.Module):
-    """The root module FSDP2 wraps: the policy, and a forward that scores response tokens only.
-
-    Calling submodules of an FSDP2 model from outside skips the root's all-gather, so the scoring
-    forward (shared vision tower, chunked head) has to be this module's own `forward`.
-    """
-
-    def __init__(self, policy: torch.nn.Module, head_chunk: int):
-        super().__init__()
-        self.policy = policy
-        self.head_chunk = head_chunk
-
-    def forward(self, inputs: dict[str, torch.Tensor],  # core.policy.encode_groups rows (packed or not)
-                pixel_values: torch.Tensor,  # [patches, D] float, one copy per image
-                image_grid_thw: torch.Tensor,  # [K, 3] int64
-                rows_per_image: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-        """(log-probs, entropies) [n_response_tokens] float32, response-major (inputs["response_mask"])."""
-        hidden = response_hidden(self.policy, inputs, pixel_values, image_grid_thw, rows_per_image)
-        return _head_logprobs(self.policy.lm_head, hidden, inputs["targets"], self.head_chunk)
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+# torch.distributed's timeout for one collective: a rank that waits longer on a peer gives up. The group
+# notices a dead rank long before (learner.group names it as soon as Ray reports the death).
+GROUP_TIMEOUT = timedelta(minutes=30)
 
 
 def learner_threads(cfg: Config) -> int:
@@ -149,7 +81,7 @@ class LearnerWorker:
         self.lcfg = cfg.learner
         self.model_path = str(model_path)
         if device is None:
-            device = "cuda" if cfg.cluster.learner_gpus > 0 and torch.cuda.is_available() else "cpu"
+            device = role_device(cfg.cluster.learner_gpus)
         self.device = torch.device(device)
         if self.device.type == "cpu":
             torch.set_num_threads(learner_threads(cfg))
@@ -159,8 +91,8 @@ class LearnerWorker:
             # with a GPU present, one group serves both devices: CPU workers (tests, in-process
             # references) and CUDA workers can then share a process
             backend = "cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo"
-            dist.init_process_group(backend, init_method=f"tcp://{master_addr}:{master_port or _free_port()}",
-                                    rank=rank, world_size=world_size, timeout=timedelta(minutes=30))
+            dist.init_process_group(backend, init_method=f"tcp://{master_addr}:{master_port or free_port(master_addr)}",
+                                    rank=rank, world_size=world_size, timeout=GROUP_TIMEOUT)
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
         if self.world != world_size:
             raise RuntimeError(f"a process group of {self.world} ranks exists; this worker wants {world_size}")
@@ -182,7 +114,7 @@ class LearnerWorker:
         # clip_cov's random token choice: one stream per rank, saved and restored with the checkpoint
         self.generator = torch.Generator().manual_seed(cfg.run.seed * 1000 + self.rank)
 
-    def _sharded(self, trainable: bool) -> _Scorer:
+    def _sharded(self, trainable: bool) -> Scorer:
         # fp32 master weights; FSDP2 casts to param_dtype for compute (bf16 on GPU).
         policy = load_policy(self.model_path, dtype=torch.float32, device=self.device,
                              attn_implementation=self.cfg.model.attn_implementation)
@@ -197,7 +129,7 @@ class LearnerWorker:
             fully_shard(block, mesh=self.mesh, mp_policy=mp)
         for layer in policy.model.language_model.layers:
             fully_shard(layer, mesh=self.mesh, mp_policy=mp)
-        scorer = _Scorer(policy, self.lcfg.head_chunk)
+        scorer = Scorer(policy, self.lcfg.head_chunk)
         fully_shard(scorer, mesh=self.mesh, mp_policy=mp)
         return scorer
 
@@ -350,17 +282,15 @@ class LearnerWorker:
         out.update({k: v for k, v in zip(lk, lo.tolist()) if math.isfinite(v)})
         return out
 
-    # ---- weights and checkpoints ---------------------------------------------------------------
+    # ---- weights and checkpoints (learner/weight_export.py, learner/checkpoint.py) ---------------
     def export_weights(self) -> dict[str, torch.Tensor]:
         """The full state dict (Hugging Face names, `model.dtype` resolved: bf16 on GPU) on rank 0; {} elsewhere.
 
         A collective: every rank must call it.
         """
-        full = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-        if self.rank != 0:
-            return {}
-        out = {k[len(_PREFIX):]: v.to(self.export_dtype) for k, v in full.items()}
-        self.last_fingerprint = weights.fingerprint(out)
+        out = full_weights(self.model, self.rank, self.export_dtype)
+        if self.rank == 0:
+            self.last_fingerprint = weights.fingerprint(out)
         return out
 
     def weights_fingerprint(self) -> str | None:
@@ -370,34 +300,12 @@ class LearnerWorker:
     def broadcast_weights(self, info: GroupInfo, version: int, bucket_bytes: int) -> float:
         """Send the weights to every receiver of the weight group `info` as `version` (a collective of the
         learner ranks; rank 0 is the group's sender). Returns the bytes sent (rank 0) or 0.
-
-        Streamed from the FSDP2 shards: each tensor is gathered (`full_tensor`, every rank) only when its
-        bucket is about to leave, so rank 0 holds one bucket and one tensor, never a second full copy.
-        """
-        sd = self.model.state_dict()
-        names = [k for k in sd if k.startswith(_PREFIX)]
-        meta = [(k[len(_PREFIX):], tuple(sd[k].shape), self.export_dtype) for k in names]
-
-        def gathered():
-            for k in names:
-                v = sd[k]
-                full = v.full_tensor() if isinstance(v, DTensor) else v
-                yield k[len(_PREFIX):], full.detach().to(self.export_dtype)
-
-        if self.rank != 0:
-            for _ in gathered():  # the all-gathers rank 0 drives, in the same order
-                pass
-            return 0.0
-        stream = gathered()
-        group = self._weight_group(info)
-        try:
-            manifest = weights.send(group, stream, meta, version, bucket_bytes)
+        Streamed from the shards (weight_export.broadcast_sharded)."""
+        group = self._weight_group(info) if self.rank == 0 else None
+        sent = broadcast_sharded(self.model, self.rank, self.export_dtype, group, version, bucket_bytes)
+        if group is not None:
             self.last_fingerprint = group.last_fingerprint
-        except Exception:
-            for _ in stream:  # the other ranks wait in the same all-gathers: let them finish
-                pass
-            raise
-        return float(sum(manifest.bucket_sizes))
+        return sent
 
     def _weight_group(self, info: GroupInfo) -> weights.WeightGroup:
         """The weight group of `info` (joined once per group id; a new id replaces the old group)."""
@@ -406,66 +314,15 @@ class LearnerWorker:
         return self._wgroup
 
     def save(self, path: str, client_state: dict | None = None) -> None:
-        """Checkpoint to `path` (a collective): `hf/` a Hugging Face folder of the policy (safetensors),
-        `dcp/` the sharded model + optimizer (torch.distributed.checkpoint), `rng/` each rank's
-        generators, `trainer_state.json` step, scheduler and `client_state` (e.g. the data cursor).
-
-        Multi-node runs need `path` on a file system every node sees (DCP writes one file per rank).
-        """
-        out = Path(path)
-        model_sd, optim_sd = get_state_dict(self.model, self.optimizer)
-        dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(out / "dcp"))
-        full = self.export_weights()
-        (out / "rng").mkdir(parents=True, exist_ok=True)
-        rng = {"torch": torch.get_rng_state(), "generator": self.generator.get_state()}
-        if self.device.type == "cuda":
-            rng["cuda"] = torch.cuda.get_rng_state(self.device)
-        torch.save(rng, out / "rng" / f"rank{self.rank}.pt")
-        if self.rank == 0:
-            self._write_hf(out / "hf", {k: v.to(torch.float32) if self.device.type == "cpu" else v
-                                        for k, v in full.items()})
-        dist.barrier()  # every rank's files are in before the marker
-        if self.rank == 0:
-            state = {"step": self.step, "scheduler": self.scheduler.state_dict(), "world_size": self.world,
-                     "client_state": client_state or {}}
-            tmp = out / "trainer_state.json.tmp"
-            tmp.write_text(json.dumps(state, indent=2, default=float))
-            os.replace(tmp, out / "trainer_state.json")  # its presence marks a complete checkpoint
-        dist.barrier()
-
-    def _write_hf(self, folder: Path, full: dict[str, torch.Tensor]) -> None:
-        from transformers import AutoModelForImageTextToText
-
-        folder.mkdir(parents=True, exist_ok=True)
-        for f in Path(self.model_path).iterdir():  # tokenizer, processor, chat template: unchanged
-            if f.is_file() and not f.name.endswith((".safetensors", ".bin", ".index.json")):
-                shutil.copy2(f, folder / f.name)
-        config = self.model.policy.config
-        with torch.device("meta"):
-            shell = AutoModelForImageTextToText.from_config(config)
-        shell.load_state_dict(full, strict=True, assign=True)
-        shell.save_pretrained(str(folder))
+        """Checkpoint to `path` (a collective; the layout is in learner/checkpoint.py): the sharded model +
+        optimizer, a Hugging Face folder, each rank's RNG, step, scheduler and `client_state` (e.g. the
+        data cursor)."""
+        save_checkpoint(self, path, client_state)
 
     def load(self, path: str) -> dict:
         """Resume from `save(path)`: model, optimizer, scheduler, step and RNG; returns the client state."""
-        src = Path(path)
-        state_file = src / "trainer_state.json"
-        if not state_file.is_file():
-            raise FileNotFoundError(f"{src}: no trainer_state.json (not a checkpoint, or an incomplete one)")
-        state = json.loads(state_file.read_text())
-        model_sd, optim_sd = get_state_dict(self.model, self.optimizer)
-        dcp.load({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(src / "dcp"))
-        set_state_dict(self.model, self.optimizer, model_state_dict=model_sd, optim_state_dict=optim_sd)
-        self.scheduler.load_state_dict(state["scheduler"])
-        self.step = int(state["step"])
-        rng_file = src / "rng" / f"rank{self.rank}.pt"
-        if rng_file.is_file():
-            rng = torch.load(rng_file, weights_only=True)
-            torch.set_rng_state(rng["torch"])
-            self.generator.set_state(rng["generator"])
-            if "cuda" in rng and self.device.type == "cuda":
-                torch.cuda.set_rng_state(rng["cuda"], self.device)
-        return state["client_state"]
+        self.step, client_state = load_checkpoint(self, path)
+        return client_state
 
     def close(self) -> None:
         """Leave the process group (Ray shells call this before they exit)."""

@@ -28,7 +28,7 @@ from typing import Literal, Protocol
 import numpy as np
 import torch
 
-from core.config import Config, SamplingConfig
+from core.config import SamplingConfig
 
 FinishReason = Literal["stop", "length"]
 
@@ -167,22 +167,3 @@ def check_state_dict(named_tensors: dict[str, torch.Tensor], expected: dict[str,
         raise ValueError(f"load_weights: {len(bad)} shape mismatch(es), e.g. {bad[0]}: got "
                          f"{tuple(named_tensors[bad[0]].shape)}, the model has {tuple(expected[bad[0]])}")
 
-
-def make_engine(model_path: str, cfg: Config, device: str | torch.device = "cpu") -> Engine:
-    """The engine `cfg.rollout.engine` names (`hf` or `vllm`), serving the policy at `model_path`.
-
-    `device` places the engine: vLLM takes the GPU its process sees (CUDA_VISIBLE_DEVICES under Ray)
-    or runs on the CPU build.
-    """
-    kind = cfg.rollout.engine
-    if kind == "hf":
-        from actors.engines.hf import HFEngine
-
-        return HFEngine(model_path, dtype=cfg.model.dtype, device=device,
-                        attn_implementation=cfg.model.attn_implementation,
-                        max_batch_requests=cfg.rollout.max_batch_requests)
-    if kind == "vllm":
-        from actors.engines.vllm import VLLMEngine  # imports vllm
-
-        return VLLMEngine.from_config(model_path, cfg, device=torch.device(device).type)
-    raise ValueError(f"rollout.engine must be hf or vllm, got {kind!r}")

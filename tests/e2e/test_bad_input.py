@@ -3,8 +3,9 @@
 Every bad row is named with its file and row and skipped and counted by the job's loader
 (`cluster.bootstrap.load_split`, which `cluster.train` calls); images in awkward but valid modes
 (CMYK, 16-bit, palette) are kept. With `data.strict=true` the job refuses the same corpus before Ray
-starts (exit 2, the file and row in the message); a truncated parquet file, a missing model folder and
-a model folder of another architecture are refused the same way, naming the file or key.
+starts (exit 2, the file and row in the message); a truncated parquet file, a missing model folder,
+a model folder of another architecture and a checkpoint without a step are refused the same way, naming
+the file or key.
 """
 
 import io
@@ -169,3 +170,18 @@ def test_unusable_files_and_model_folders_are_refused_by_name(corpus, tiny_polic
     (other / "config.json").write_text(json.dumps({"model_type": "llama", "hidden_size": 8}))
     err = _refused_before_ray(_train(tmp_path, f"model.path={other}", "model.build_tiny=false"))
     assert str(other) in err and "'llama' is not supported" in err, err
+
+
+def test_a_checkpoint_without_a_step_is_one_error_line_naming_the_file(corpus, tiny_policy_dir, tmp_path):
+    ckpt = tmp_path / "old-run" / "checkpoints" / "step_000002"
+    ckpt.mkdir(parents=True)
+    state = ckpt / "trainer_state.json"
+    jsonl = corpus["data"] / "bad.jsonl"  # never read: the checkpoint is checked first
+    for written in ({"step": 2, "client_state": {"cursor": {"epoch": 0, "pos": 4}}}, {"step": 2, "client_state": None}):
+        state.write_text(json.dumps(written))
+        err = _refused_before_ray(_train(tmp_path, f"model.path={tiny_policy_dir}", "model.build_tiny=false",
+                                         f"data.train_files=[{jsonl}]", f"data.test_files=[{jsonl}]",
+                                         f"run.resume_from={ckpt.parent.parent}"))  # a run folder: its newest
+        lines = err.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error: "), err
+        assert str(state) in lines[0] and "client_state.step" in lines[0], err

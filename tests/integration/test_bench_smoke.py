@@ -41,7 +41,7 @@ def test_rollout_bench_prints_ratio(tmp_path):
 
 
 def test_step_overhead_bench_ends_with_its_ratio(tmp_path):
-    out = subprocess.run([sys.executable, str(REPO / "bench/step_overhead.py"), "--steps", "1",
+    out = subprocess.run([sys.executable, str(REPO / "bench/step_overhead.py"), "--steps", "1", "--random-policy",
                           f"run.output_dir={tmp_path}", "data.synthetic.n_train=16", "data.synthetic.n_test=4",
                           "data.batch_size=2", "rollout.n_clean=2", "rollout.n_adv=2",
                           "rollout.sampling.max_new_tokens=4"],

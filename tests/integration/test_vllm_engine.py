@@ -94,14 +94,6 @@ def _logprob_error(model, processor, requests, out) -> float:
     return max(float((g.logprobs - want[i][mask[i]]).abs().max()) for i, g in enumerate(samples))
 
 
-def test_setup_imports_vllm_and_the_qwen2_vl_image_processor():
-    import torchvision  # noqa: F401  (the registry's CUDA build, fixed by `make setup`)
-    import vllm  # noqa: F401
-    from transformers.models.qwen2_vl.image_processing_qwen2_vl import smart_resize
-
-    assert smart_resize(112, 112, factor=28) == (112, 112)
-
-
 def test_a_folder_without_preprocessor_config_is_named(folders, tmp_path):
     from actors.engines.vllm import VLLMEngine
 

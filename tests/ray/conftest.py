@@ -4,7 +4,11 @@ import os
 
 import pytest
 
+# Ray reads this once, at its first import: loopback only for every cluster these tests start
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+# Token auth off: these tests start a private in-process cluster on loopback and test the actors, not
+# the cluster's access control (tests/e2e/test_exposure.py keeps auth on and tests it); with it on, a
+# stale ~/.ray/auth_token from another run would decide whether the tests can connect.
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
 

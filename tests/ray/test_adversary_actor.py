@@ -1,4 +1,5 @@
 import numpy as np
+import pytest
 import torch
 
 from adversary.actor import create_adversary_actor
@@ -6,7 +7,9 @@ from adversary.attack import Attacker
 from core import synthetic
 from core.batch import Prompt
 from core.config import load_config
+from core.members import check_served
 from core.policy import load_policy, load_processor
+from core.weights import fingerprint
 
 
 def test_actor_returns_the_in_process_image_and_takes_weights(ray_cluster, tiny_policy_dir):
@@ -26,6 +29,7 @@ def test_actor_returns_the_in_process_image_and_takes_weights(ray_cluster, tiny_
     got = ray.get(actor.attack.remote(prompt, responses))
     assert np.array_equal(got.image, expected.image)
     assert got.metrics["tsec/after"] == expected.metrics["tsec/after"]
+    assert (got.weights_version, got.weights_fingerprint) == (0, None)  # the folder's: nothing to check
 
     # new weights change the attack exactly as they change the local copy
     state = {k: v + 0.01 * torch.randn_like(v) for k, v in load_policy(tiny_policy_dir).state_dict().items()}
@@ -35,6 +39,7 @@ def test_actor_returns_the_in_process_image_and_takes_weights(ray_cluster, tiny_
     after_actor = ray.get(actor.attack.remote(prompt, responses))
     assert np.array_equal(after_actor.image, after_local.image)
     assert after_actor.metrics["tsec/before"] != expected.metrics["tsec/before"]
+    assert (after_actor.weights_version, after_actor.weights_fingerprint) == (-1, fingerprint(state))
     ray.kill(actor)
 
 
@@ -65,4 +70,11 @@ def test_restarted_actor_catches_up_on_the_weights_it_is_asked_for(ray_cluster, 
     again = ray.get(actor.attack.remote(prompt, responses, 0.0, 1, [ref]))
     assert ray.get(actor.weights_version.remote()) == 1
     assert np.array_equal(again.image, fresh.image)
+    # every answer names the weights it was computed with, which the driver checks against the learner's
+    for result in [got, again, *ray.get(actor.attack_many.remote([(prompt, responses)] * 2, 0.0, 1, [ref]))]:
+        assert (result.weights_version, result.weights_fingerprint) == (1, fingerprint(state))
+        assert check_served("adversary", result.weights_version, result.weights_fingerprint, {1: fingerprint(state)})
+    with pytest.raises(RuntimeError, match=r"adversary served weights version 1 with fingerprint \w+, the learner"):
+        check_served("adversary", again.weights_version, again.weights_fingerprint,
+                     {1: fingerprint(load_policy(tiny_policy_dir).state_dict())})
     ray.kill(actor)

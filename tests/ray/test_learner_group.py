@@ -1,11 +1,17 @@
 """LearnerGroup as it runs for real: ranks in Ray actors, FSDP2 over a gloo group on loopback."""
 
+import os
+import signal
+import time
+
 import numpy as np
+import pytest
 import torch
 
 from core.batch import TrainBatch
 from core.config import load_config
-from learner.group import LearnerGroup
+from learner.group import LearnerGroup, LearnerRankDied, _all_ranks
+from learner.worker import GROUP_TIMEOUT
 
 
 def _batch(seed: int, n: int = 7) -> TrainBatch:
@@ -67,3 +73,57 @@ def test_two_ranks_equal_one_and_remote_equals_local_and_resume_is_exact(ray_clu
     resumed.update(b2)
     assert _max_diff(resumed.export_weights(), w_continued) == 0.0
     resumed.shutdown()
+
+
+def _kill_rank(ray, group: LearnerGroup, rank: int) -> None:
+    os.kill(ray.get(group.actors[rank].pid.remote()), signal.SIGKILL)
+
+
+# rank 0 owns the reference export_weights_ref returns; rank 1 only takes part in the gather
+@pytest.mark.parametrize("call,dead", [("export_weights", 0), ("load", 1)])
+def test_a_rank_that_dies_is_named_before_the_group_timeout(ray_cluster, tiny_policy_dir, tmp_path, call, dead):
+    ray = ray_cluster
+    group = LearnerGroup(str(tiny_policy_dir), _cfg(2))
+    try:
+        if call == "load":
+            group.save(str(tmp_path / "ckpt"))
+        _kill_rank(ray, group, dead)
+        t0 = time.monotonic()
+        with pytest.raises(LearnerRankDied) as info:
+            if call == "load":
+                group.load(str(tmp_path / "ckpt"))
+            else:
+                group.export_weights_ref()
+        waited = time.monotonic() - t0
+    finally:
+        group.shutdown()
+    assert (info.value.rank, info.value.call) == (dead, call)
+    assert str(info.value).startswith(f"learner rank {dead} died during {call} (")
+    # the survivor would otherwise wait for the dead rank in a collective until the group's timeout
+    assert waited < GROUP_TIMEOUT.total_seconds()
+
+
+def test_the_dead_rank_is_named_even_when_a_survivor_reports_first(ray_cluster):
+    ray = ray_cluster
+
+    class Rank:  # defined here so that Ray ships it by value (workers cannot import a test module)
+        """A stand-in rank: raises what a survivor's gloo raises, or dies after `die_after` seconds."""
+
+        def up(self) -> bool:
+            return True
+
+        def run(self, die_after: float | None) -> None:
+            if die_after is None:
+                raise RuntimeError("Connection closed by peer")
+            time.sleep(die_after)
+            os._exit(1)
+
+    rank = ray.remote(num_cpus=0)(Rank)
+    dying, survivor = rank.remote(), rank.remote()
+    ray.get([dying.up.remote(), survivor.up.remote()])
+    with pytest.raises(LearnerRankDied) as info:  # the survivor's error arrives first
+        _all_ranks([dying.run.remote(0.5), survivor.run.remote(None)], "update")
+    assert (info.value.rank, info.value.call) == (0, "update")
+    # no rank died: the rank's own error comes through
+    with pytest.raises(ray.exceptions.RayTaskError, match="Connection closed by peer"):
+        _all_ranks([survivor.run.remote(None), rank.remote().run.remote(None)], "update")

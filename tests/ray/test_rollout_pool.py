@@ -1,10 +1,14 @@
 """RolloutPool on a real local Ray cluster: counts, order, weights, and an actor killed mid-call."""
 
+import logging
+import time
+
 import numpy as np
 import pytest
 import torch
 
-from actors.rollout import Rollout, RolloutPool, RolloutRequest
+from actors.pool import RolloutPool
+from actors.rollout import Rollout, RolloutRequest
 from core import synthetic
 from core.batch import Prompt
 from core.config import load_config
@@ -106,9 +110,11 @@ def test_new_weights_reach_every_actor_and_a_restarted_one(pool, ray_cluster, ti
     pool.expect(pool.version, fingerprint(load_policy(tiny_policy_dir).state_dict()))  # the learner sent others
     with pytest.raises(RuntimeError, match=r"served weights version \d+ with fingerprint \w+, the learner sent"):
         pool.generate(requests, greedy, chunk=1)
-    pool.fingerprints.clear()
-    pool.queue.clear()
-    pool.inflight.clear()
+    assert pool.abort() >= 3  # the call's other tasks (one raised) are dropped, not left in the pool
+    assert pool.pending == 0 and pool.poll(timeout=0) == []
+    pool.expect(pool.version, fingerprint(weights))  # the truth again: later answers are checked against it
+    again, stats = pool.generate(requests, greedy, chunk=1)
+    assert _ids(again) == _ids(want) and stats.weights_checked == 4
 
 
 def test_resize_adds_actors_with_current_weights(pool):
@@ -120,6 +126,47 @@ def test_resize_adds_actors_with_current_weights(pool):
     pool.resize(2)
     two, _ = pool.generate(requests, chunk=1)
     assert _ids(one) == _ids(want) == _ids(two)
+
+
+def test_a_resize_without_room_times_out_and_the_pool_goes_on(pool, ray_cluster, caplog):
+    ray = ray_cluster
+    requests = [RolloutRequest(prompt=p, n=1, seed=50 + i) for i, p in enumerate(_prompts(3))]
+    want, _ = pool.generate(requests, chunk=1)
+    assert ray.available_resources().get("CPU", 0.0) < 1  # the pool's two actors hold the cluster's 2 CPUs
+    timeout = pool.cfg.cluster.placement_timeout_s
+    pool.cfg.cluster.placement_timeout_s = 3.0
+    try:
+        with caplog.at_level(logging.INFO, logger="actors.pool"):
+            assert pool.resize(3) == 2  # the third actor never finds room
+    finally:
+        pool.cfg.cluster.placement_timeout_s = timeout
+    assert pool.size == 2
+    lines = [r.getMessage() for r in caplog.records if r.name == "actors.pool"]
+    waiting = [m for m in lines if "waiting for 1 of 1 new rollout actor(s) (CPU=1, GPU=0 each)" in m]
+    assert len(waiting) >= 2  # progress while it waits, not silence
+    errors = [r.getMessage() for r in caplog.records if r.name == "actors.pool" and r.levelno == logging.ERROR]
+    assert len(errors) == 1
+    assert "1 new rollout actor(s) not up after 3 s (cluster.placement_timeout_s)" in errors[0]
+    assert "each needs CPU=1, GPU=0 on one node" in errors[0] and "goes on with 2 actor(s)" in errors[0]
+    unplaced = f"rollout-{pool.tag}-{pool.created}"
+    deadline = time.monotonic() + 60
+    while unplaced in ray.util.list_named_actors() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert unplaced not in ray.util.list_named_actors()  # killed: it cannot take the room later
+    got, _ = pool.generate(requests, chunk=1)
+    assert _ids(got) == _ids(want)  # the pool it has still serves
+
+
+def test_abort_drops_queued_and_inflight_requests_and_the_pool_serves_on(pool):
+    requests = [RolloutRequest(prompt=p, n=2, seed=70 + i) for i, p in enumerate(_prompts(6))]
+    want, _ = pool.generate(requests, chunk=1)
+    tickets = pool.submit(requests, chunk=1)  # 4 in flight (2 per actor), 2 queued
+    assert len(pool.inflight) == 4 and len(pool.queue) == 2
+    assert pool.abort() == 6 and pool.pending == 0
+    assert pool.poll(timeout=0) == []  # nothing of the dropped call comes back ...
+    got, _ = pool.generate(requests, chunk=1)
+    assert _ids(got) == _ids(want)  # ... and the next call gets exactly its own samples
+    assert pool.pending == 0 and max(tickets) < pool.next_ticket - len(requests)  # no ticket is reused
 
 
 def test_queued_merge_requests_go_out_as_one_batch_with_the_same_samples(pool):

@@ -11,7 +11,7 @@ import psutil
 import pytest
 import torch
 
-from actors.rollout import RolloutPool, RolloutRequest
+from actors.pool import RolloutPool, RolloutRequest
 from core import synthetic
 from core.batch import Prompt
 from core.config import load_config

@@ -3,9 +3,10 @@ engines' processes and the adversary.
 
 The learner starts from moved weights (folder B) while the pool and the adversary serve the folder's
 (A), so a sync must bring B everywhere: bitwise into transformers engines and the adversary, and into
-vLLM engines so that their raw log-probs are B's. Faults: a receiver whose manifest differs (named,
-nothing loaded), a version the driver did not announce, a receiver killed mid-broadcast (the sync
-goes through the object store, the next one builds a new group), a restarted member catching up.
+vLLM engines so that their raw log-probs are B's; a resume from a checkpoint goes the same way. Faults:
+a receiver whose manifest differs (named, nothing loaded), a version the driver did not announce, a
+receiver killed mid-broadcast (the sync goes through the object store, the next one builds a new
+group), a restarted member catching up.
 """
 
 import os
@@ -17,7 +18,7 @@ import numpy as np
 import pytest
 import torch
 
-from actors.rollout import RolloutPool, RolloutRequest
+from actors.pool import RolloutPool, RolloutRequest
 from adversary.actor import create_adversary_actor
 from cluster.pipeline import Parts
 from core import synthetic
@@ -92,7 +93,7 @@ def test_broadcast_brings_the_learners_weights_everywhere_bitwise(parts, ray_clu
     assert parts.pool.version == 1 and parts.pool.weights_ref is None  # no object-store copy was made
     for actor in parts.pool.actors:
         _assert_same(_state(ray, actor, ROLLOUT), want)
-        assert ray.get(actor.__ray_call__.remote(lambda self: self.version)) == 1
+        assert ray.get(actor.__ray_call__.remote(lambda self: self.held.version)) == 1
     _assert_same(_state(ray, parts.adversary, ADVERSARY), want)
     assert ray.get(parts.adversary.weights_version.remote()) == 1
     group = parts.weights.group
@@ -127,6 +128,29 @@ def test_a_manifest_mismatch_names_the_tensor_and_loads_nothing(ray_cluster, tin
         parts.weights.sync()
     _assert_same(_state(ray, pool.actors[0], ROLLOUT), before)  # still the weights it had
     assert pool.version == 0
+    pool.shutdown()
+
+
+def test_a_resume_brings_the_checkpoint_to_the_engines_through_the_weight_sync(ray_cluster, tiny_policy_dir, moved,
+                                                                               tmp_path):
+    """The job's resume (cluster.job.resume_learner): the learner loads a checkpoint of B while the pool serves
+    the folder's A; the pool gets B through the configured transport, a broadcast here (no object-store
+    copy), and answers are checked against the learner's fingerprint of B."""
+    from cluster.job import resume_learner
+
+    ray = ray_cluster
+    cfg = _cfg("cluster.rollout_workers=1", "learner.num_workers=0")
+    ckpt = tmp_path / "step_000003"
+    LearnerGroup(str(moved), cfg).save(str(ckpt), {"step": 3, "cursor": {"epoch": 0, "pos": 2}})
+    pool = RolloutPool(str(tiny_policy_dir), cfg)
+    parts = Parts(cfg=cfg, pool=pool, learner=LearnerGroup(str(tiny_policy_dir), cfg), adversary=None)
+    want = load_policy(moved).state_dict()
+    assert not torch.equal(_state(ray, pool.actors[0], ROLLOUT)["lm_head.weight"], want["lm_head.weight"])
+    client = resume_learner(parts, ckpt)
+    assert client == {"step": 3, "cursor": {"epoch": 0, "pos": 2}}
+    assert pool.version == 1 and pool.weights_ref is None and parts.weights.group is not None  # broadcast
+    _assert_same(_state(ray, pool.actors[0], ROLLOUT), want)
+    pool.generate([RolloutRequest(p, 1, seed=i) for i, p in enumerate(_prompts(2))])  # served weights checked
     pool.shutdown()
 
 
@@ -176,7 +200,7 @@ def test_a_receiver_killed_mid_broadcast_falls_back_and_the_next_sync_rebuilds(p
     requests = [RolloutRequest(p, 1, seed=i) for i, p in enumerate(_prompts(4))]
     parts.pool.generate(requests, chunk=1)
     for actor in parts.pool.actors:
-        assert ray.get(actor.__ray_call__.remote(lambda self: self.version)) == version
+        assert ray.get(actor.__ray_call__.remote(lambda self: self.held.version)) == version
         _assert_same(_state(ray, actor, ROLLOUT), want)
     metrics = parts.weights.sync()  # a new group, the restarted actor in it
     assert metrics["weight_sync/fallbacks"] == 1 and parts.weights.group is not group

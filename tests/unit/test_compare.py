@@ -1,6 +1,7 @@
-"""cluster.compare's numbers, from metrics rows written by hand."""
+"""cluster.compare: its numbers (from metrics rows written by hand) and the inputs it hands every run."""
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -68,3 +69,55 @@ def test_paired_difference_matches_steps():
     a = [{"step": 1, "x": 1.0}, {"step": 2, "x": 3.0}, {"step": 3, "x": 5.0}]
     b = [{"step": 2, "x": 1.0}, {"step": 1, "x": 0.5}, {"step": 0, "x": 9.0}]
     assert paired_difference(a, b, "x") == [0.5, 2.0]
+
+
+def _run_config(cmd: list[str]):
+    """The config a `cluster.train` command of compare's would run with."""
+    from core.config import load_config
+
+    i = cmd.index("--config")
+    return load_config(cmd[i + 1], cmd[i + 2:])
+
+
+def test_user_model_and_data_overrides_reach_every_run(tmp_path):
+    from cluster.compare import prepare_shared, train_command
+
+    policy = tmp_path / "my_policy"
+    policy.mkdir()
+    (policy / "config.json").write_text("{}")  # a folder of the user's: used as it is, never rebuilt
+    (tmp_path / "train.parquet").write_bytes(b"")
+    user = [f"model.path={policy}", f"data.train_files=[{tmp_path}/train.parquet]",
+            f"data.test_files=[{tmp_path}/train.parquet]", "data.build_synthetic=false"]
+    pinned = prepare_shared(user, tmp_path / "shared")
+    cfg = _run_config(train_command("grpo", 1, tmp_path / "out", user, pinned))
+    assert cfg.model.path == str(policy)
+    assert cfg.data.train_files == [str(tmp_path / "train.parquet")] == cfg.data.test_files
+    assert cfg.run.seed == 1 and cfg.run.output_dir == str(tmp_path / "out")
+    assert not (tmp_path / "shared").exists()  # nothing was built: the user's inputs were used
+
+
+def test_a_synthetic_override_gets_its_own_shared_data(tmp_path):
+    from cluster.compare import prepare_shared, train_command
+
+    policy = tmp_path / "my_policy"
+    policy.mkdir()
+    (policy / "config.json").write_text("{}")
+    base = [f"model.path={policy}", "data.synthetic.n_train=6", "data.synthetic.n_test=3"]
+    first = prepare_shared(base, tmp_path / "shared")
+    harder = prepare_shared([*base, "data.synthetic.difficulty=2"], tmp_path / "shared")
+    assert first != harder
+    cfg = _run_config(train_command("default", 0, tmp_path / "out", [*base, "data.synthetic.difficulty=2"], harder))
+    data = Path(cfg.data.train_files[0]).parent
+    assert data.parent == tmp_path / "shared" / "data" and data.name.startswith("synthetic-")
+    assert json.loads((data / "built_with.json").read_text())["synthetic"]["difficulty"] == 2
+    assert cfg.model.path == str(policy)
+
+
+def test_per_run_keys_are_refused_with_the_option_to_use(capsys):
+    from cluster.compare import main
+
+    with pytest.raises(SystemExit) as err:
+        main(["--configs", "grpo", "run.seed=3"])
+    assert err.value.code == 2
+    text = capsys.readouterr().err
+    assert "run.seed=3" in text and "--seeds" in text and "--out" in text

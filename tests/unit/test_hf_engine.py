@@ -207,6 +207,37 @@ def test_logprobs_equal_a_teacher_forced_forward(engine):
                 assert torch.equal(masked[i][mask[i]].argmax(-1), g.response_ids)
 
 
+def _count_images_encoded(engine) -> tuple[list[int], object]:
+    """A forward hook on the vision tower: the images ([K, 3] grid rows) each call of it encodes."""
+    seen: list[int] = []
+    hook = engine.model.model.visual.register_forward_hook(
+        lambda module, args, kwargs, out: seen.append(len(kwargs.get("grid_thw", args[1] if len(args) > 1 else []))),
+        with_kwargs=True)
+    return seen, hook
+
+
+@pytest.mark.parametrize("arch", ["qwen2_vl", "qwen2_5_vl"])
+def test_vision_tower_runs_once_per_prompt_and_changes_no_sample(arch, tiny_policy_dir, tmp_path):
+    from core.policy import build_tiny_policy
+
+    path = tiny_policy_dir if arch == "qwen2_vl" else build_tiny_policy(tmp_path / "q25", arch=arch, seed=1)
+    shared, per_row = HFEngine(path), HFEngine(path, share_vision=False)
+    requests = _requests(shared, n=4, count=3)  # three prompts, one of them with a non-square image
+    requests[2].n = 1
+    for sampling in (SamplingConfig(temperature=1.0, max_new_tokens=10), SamplingConfig(temperature=0.0,
+                                                                                          max_new_tokens=10)):
+        seen, hook = _count_images_encoded(shared)
+        got = shared.generate(requests, sampling)
+        hook.remove()
+        seen_rows, hook = _count_images_encoded(per_row)
+        want = per_row.generate(requests, sampling)
+        hook.remove()
+        assert sum(seen) == len(requests)  # one image per prompt through the tower ...
+        assert sum(seen_rows) == sum(r.n for r in requests)  # ... where transformers' path runs one per sample
+        _same(got, want, atol=1e-5)  # the same tokens and text; log-probs up to float noise
+    assert not hasattr(vars(shared.model.model), "get_image_features")  # the wrapper is gone after generate
+
+
 def test_greedy_equals_transformers_generate(engine):
     requests = _requests(engine, n=1, count=3)
     out = engine.generate(requests, SamplingConfig(temperature=0, max_new_tokens=12))
