@@ -86,6 +86,8 @@ class LearnerWorker:
         if self.device.type == "cpu":
             torch.set_num_threads(learner_threads(cfg))
         else:
+            # "cuda" has no index: Ray's CUDA_VISIBLE_DEVICES shows each rank its own GPU as device 0
+            self.device = torch.device("cuda", torch.cuda.current_device() if self.device.index is None else self.device.index)
             torch.cuda.set_device(self.device)
         if not dist.is_initialized():
             # with a GPU present, one group serves both devices: CPU workers (tests, in-process
