@@ -90,6 +90,8 @@ def init_ray(cfg: Config):
     if c.metrics_export_port:
         kwargs["_metrics_export_port"] = c.metrics_export_port
     ctx = ray.init(**kwargs)
+    # what `ray.init(address=...)`, `python -m cluster.ops --address` and `ray status` take
+    log.info("local Ray cluster at %s", ray.get_runtime_context().gcs_address)
     if os.environ.get("RAY_AUTH_MODE", "").lower() == "token":
         log.info("Ray token authentication is on: a client needs RAY_AUTH_MODE=token and the token in %s",
                  auth_token_source())

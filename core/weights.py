@@ -221,6 +221,14 @@ def _listening_socket(host: str, port: int) -> int:
     return sock.detach()
 
 
+def tcp_store(host: str, port: int, world_size: int, rank: int, timeout: timedelta) -> dist.TCPStore:
+    """A TCPStore whose server (on rank 0) listens on host:port only: the store torch builds by itself
+    (and `init_process_group(init_method="tcp://...")`) listens on every interface."""
+    listen_fd = _listening_socket(host, port) if rank == 0 else None
+    return dist.TCPStore(host, port, world_size, is_master=rank == 0, timeout=timeout, wait_for_workers=False,
+                         master_listen_fd=listen_fd)
+
+
 class WeightGroup:
     """A standalone process group of one weight sync membership (see the module docstring)."""
 
@@ -230,11 +238,8 @@ class WeightGroup:
         self.info, self.rank = info, rank
         self.last_fingerprint: str | None = None  # of the last version sent or received in full
         timeout = timedelta(seconds=info.timeout_s)
-        # The store's server listens on every interface unless it is handed a socket: bind one to
-        # info.host (127.0.0.1 on one machine, the node's address on a cluster), never 0.0.0.0.
-        listen_fd = _listening_socket(info.host, info.port) if rank == 0 else None
-        self.store = dist.TCPStore(info.host, info.port, info.world_size, is_master=rank == 0, timeout=timeout,
-                                   wait_for_workers=False, master_listen_fd=listen_fd)
+        # bound to info.host (127.0.0.1 on one machine, the node's address on a cluster), never 0.0.0.0
+        self.store = tcp_store(info.host, info.port, info.world_size, rank, timeout)
         prefixed = dist.PrefixStore(f"saei-weights/{info.group_id}", self.store)
         if info.backend == "gloo":
             options = dist.ProcessGroupGloo._Options()

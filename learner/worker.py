@@ -36,7 +36,7 @@ from core.batch import TrainBatch
 from core.config import Config
 from core.devices import free_port, role_device
 from core.policy import chat_prompt, encode_groups, load_policy, load_processor, resolve_dtype
-from core.weights import GroupInfo
+from core.weights import GroupInfo, tcp_store
 from learner.checkpoint import load_checkpoint, save_checkpoint
 from learner.grpo import policy_loss
 from learner.scorer import Scorer
@@ -93,8 +93,9 @@ class LearnerWorker:
             # with a GPU present, one group serves both devices: CPU workers (tests, in-process
             # references) and CUDA workers can then share a process
             backend = "cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo"
-            dist.init_process_group(backend, init_method=f"tcp://{master_addr}:{master_port or free_port(master_addr)}",
-                                    rank=rank, world_size=world_size, timeout=GROUP_TIMEOUT)
+            # the rendezvous store listens on master_addr only (torch's tcp:// init listens on every interface)
+            store = tcp_store(master_addr, master_port or free_port(master_addr), world_size, rank, GROUP_TIMEOUT)
+            dist.init_process_group(backend, store=store, rank=rank, world_size=world_size, timeout=GROUP_TIMEOUT)
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
         if self.world != world_size:
             raise RuntimeError(f"a process group of {self.world} ranks exists; this worker wants {world_size}")
