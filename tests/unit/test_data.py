@@ -1,13 +1,11 @@
-import io
 import json
 import logging
-import struct
-import zlib
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from image_bytes import encode, png_claiming, rgb  # tests/unit/image_bytes.py (pytest puts tests/unit on sys.path)
 from PIL import Image
 
 from core import data, data_parquet
@@ -18,26 +16,6 @@ PIX = dict(min_pixels=56 * 56, max_pixels=224 * 224)  # 112x112 is a fixed point
 IMAGES_TYPE = pa.list_(pa.struct([("bytes", pa.binary()), ("path", pa.string())]))
 SCHEMA = pa.schema([("images", IMAGES_TYPE), ("problem", pa.string()), ("answer", pa.string()),
                     ("solution", pa.string())])
-
-
-def rgb(h, w, seed=0):  # [h, w, 3] uint8 noise: any resampling would change it
-    return np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8)
-
-
-def encode(image, fmt="PNG", **kw) -> bytes:
-    if isinstance(image, np.ndarray):
-        image = Image.fromarray(image)
-    buf = io.BytesIO()
-    image.save(buf, fmt, **kw)
-    return buf.getvalue()
-
-
-def png_claiming(width, height) -> bytes:
-    """A PNG whose header claims width x height (the pixel data is 2x2): a cheap decompression bomb."""
-    raw = bytearray(encode(Image.new("RGB", (2, 2))))
-    raw[16:24] = struct.pack(">II", width, height)
-    raw[29:33] = struct.pack(">I", zlib.crc32(bytes(raw[12:29])))
-    return bytes(raw)
 
 
 def row(image_bytes=None, problem="<image>Find x.", answer="3", solution="x = 3, so \\boxed{3}", path=None,

@@ -1,11 +1,10 @@
 """core/images.py: every image mode decodes to RGB uint8 at a size the processor keeps, bombs are refused."""
 
 import io
-import struct
-import zlib
 
 import numpy as np
 import pytest
+from image_bytes import encode, png_claiming, rgb  # tests/unit/image_bytes.py (pytest puts tests/unit on sys.path)
 from PIL import Image
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
 
@@ -14,27 +13,6 @@ from core.data_rows import DataError
 from core.images import fit_image
 
 PIX = dict(min_pixels=56 * 56, max_pixels=224 * 224)  # 112x112 is a fixed point of smart_resize here
-
-
-def rgb(h, w, seed=0):  # [h, w, 3] uint8 noise: any resampling would change it
-    return np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8)
-
-
-def encode(image, fmt="PNG", **kw) -> bytes:
-    if isinstance(image, np.ndarray):
-        image = Image.fromarray(image)
-    buf = io.BytesIO()
-    image.save(buf, fmt, **kw)
-    return buf.getvalue()
-
-
-def png_claiming(width, height) -> bytes:
-    """A PNG whose header claims width x height (the pixel data is 2x2): a cheap decompression bomb."""
-    raw = bytearray(encode(Image.new("RGB", (2, 2))))
-    raw[16:24] = struct.pack(">II", width, height)
-    raw[29:33] = struct.pack(">I", zlib.crc32(bytes(raw[12:29])))
-    return bytes(raw)
-
 
 
 def is_fixed(h, w, min_pixels, max_pixels, factor=28):
