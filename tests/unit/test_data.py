@@ -5,7 +5,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from image_bytes import encode, png_claiming, rgb  # tests/unit/image_bytes.py (pytest puts tests/unit on sys.path)
+from image_bytes import encode, png_claiming, rgb
 from PIL import Image
 
 from core import data, data_parquet

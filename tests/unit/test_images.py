@@ -4,7 +4,7 @@ import io
 
 import numpy as np
 import pytest
-from image_bytes import encode, png_claiming, rgb  # tests/unit/image_bytes.py (pytest puts tests/unit on sys.path)
+from image_bytes import encode, png_claiming, rgb
 from PIL import Image
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
 
