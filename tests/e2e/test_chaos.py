@@ -16,7 +16,6 @@ import os
 import random
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -28,6 +27,7 @@ from ray_head import cluster_processes, stop_cluster
 
 from cluster.checkpoints import resume_line
 from cluster.metrics import read_metrics
+from core.devices import free_port
 
 REPO = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
@@ -51,16 +51,11 @@ def _env(**extra) -> dict:
                 RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0", **extra)  # `ray start` binds loopback only (STACK-NOTES)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 @pytest.fixture(scope="module")
 def head(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("chaos_head")
-    gcs = _free_port()
+    gcs = free_port()
     subprocess.run([str(BIN / "ray"), "start", "--head", f"--port={gcs}", "--node-ip-address=127.0.0.1",
                     "--num-cpus=4", "--include-dashboard=false", "--disable-usage-stats"],
                    env=_env(), check=True, capture_output=True, timeout=180, cwd=tmp)

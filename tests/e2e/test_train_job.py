@@ -8,7 +8,6 @@ small synthetic split rendered into the test's folder.
 import json
 import math
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -19,6 +18,7 @@ import pytest
 from ray_head import stop_cluster
 
 from cluster.metrics import prometheus_name, read_metrics
+from core.devices import free_port
 from core.policy import load_policy
 
 REPO = Path(__file__).resolve().parents[2]
@@ -43,11 +43,6 @@ def _overrides(out: Path, policy: Path, *extra: str) -> list[str]:
             "rollout.sampling.max_new_tokens=8", "rollout.eval_k=2", "learner.micro_batch_size=4",
             "cluster.dashboard=false", "logging.progress_bar=false", *extra]
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _finite_keys(row: dict, keys: list[str]) -> None:
@@ -89,7 +84,7 @@ def test_two_steps_through_the_ray_pipeline(tmp_path, tiny_policy_dir, name, ext
 def head_node(tmp_path_factory):
     """`ray start --head` on 127.0.0.1 with the dashboard (job API) and a known metrics port."""
     tmp = tmp_path_factory.mktemp("head")
-    gcs, dash, metrics = _free_port(), _free_port(), _free_port()
+    gcs, dash, metrics = free_port(), free_port(), free_port()
     env = _env(RAY_metrics_report_interval_ms="500")
     subprocess.run([str(BIN / "ray"), "start", "--head", f"--port={gcs}", "--node-ip-address=127.0.0.1",
                     "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", f"--metrics-export-port={metrics}",

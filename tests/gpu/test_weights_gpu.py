@@ -3,19 +3,15 @@
 NCCL needs a device per rank, so this needs two GPUs; the gloo path runs on CPU in tests/integration/test_weights.py.
 """
 
-import socket
 
 import pytest
 import torch
 import torch.multiprocessing as mp
 
+from core.devices import free_port
+
 pytestmark = pytest.mark.gpu
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _weights(device):
@@ -43,7 +39,7 @@ def _member(rank, info, out):
 def test_nccl_sync_is_bitwise():
     from core.weights import GroupInfo
 
-    info = GroupInfo("gpu-test", "127.0.0.1", _free_port(), 2, backend="nccl", timeout_s=120)
+    info = GroupInfo("gpu-test", "127.0.0.1", free_port(), 2, backend="nccl", timeout_s=120)
     ctx = mp.get_context("spawn")
     out = ctx.Queue()
     procs = [ctx.Process(target=_member, args=(r, info, out)) for r in range(2)]

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from core.devices import free_port
 from core.node_cache import NodeCache, tree_digest
 from core.storage import Storage, StorageError
 
@@ -25,11 +26,6 @@ AWS_VARS = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_ACCESS_KEY_ID", "AWS
             "AWS_SESSION_TOKEN", "AWS_REGION", "AWS_DEFAULT_REGION", "AWS_PROFILE", "SAEI_S3_CONNECT_TIMEOUT_S",
             "SAEI_S3_REQUEST_TIMEOUT_S", "SAEI_S3_MAX_ATTEMPTS")
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _wait_port(port: int, proc: subprocess.Popen, timeout: float = 60.0) -> None:
@@ -62,7 +58,7 @@ def s3_server(tmp_path_factory):
     """(endpoint, access key, secret key) of a fresh moto server holding bucket BUCKET."""
     import pyarrow.fs as pafs
 
-    port = _free_port()
+    port = free_port()
     exe = Path(sys.executable).parent / "moto_server"
     log = open(tmp_path_factory.mktemp("moto") / "moto.log", "wb")
     proc = subprocess.Popen([str(exe), "-H", "127.0.0.1", "-p", str(port)], stdout=log, stderr=subprocess.STDOUT,
@@ -203,7 +199,7 @@ def _failure(storage: Storage) -> tuple[str, float]:
 
 
 def test_unreachable_endpoint_fails_fast_naming_the_variable(s3_env, monkeypatch):
-    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{_free_port()}")  # nothing listens there
+    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{free_port()}")  # nothing listens there
     msg, seconds = _failure(Storage(f"s3://{BUCKET}/run"))
     print(f"\nunreachable endpoint (refused): StorageError after {seconds:.2f} s")
     assert f"s3://{BUCKET}/run" in msg and "AWS_ENDPOINT_URL" in msg and "cannot be reached" in msg

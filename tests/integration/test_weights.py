@@ -1,6 +1,5 @@
 """core.weights: the bucket plan and packing (pure), and real syncs over a gloo group of 3 processes."""
 
-import socket
 import time
 
 import pytest
@@ -8,6 +7,7 @@ import torch
 import torch.multiprocessing as mp
 
 from core import weights
+from core.devices import free_port
 from core.weights import (
     GroupInfo,
     Manifest,
@@ -84,11 +84,6 @@ def test_manifest_check_names_the_tensor():
         m.check(bad)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def _member(rank: int, info: GroupInfo, mode: str, out) -> None:
     """One process of a sync: rank 0 sends _weights(1) as version 7, the others receive."""
@@ -122,7 +117,7 @@ def _member(rank: int, info: GroupInfo, mode: str, out) -> None:
 
 
 def _run(mode: str, timeout_s: float = 20.0) -> dict:
-    info = GroupInfo(group_id=f"test-{mode}", host="127.0.0.1", port=_free_port(), world_size=3,
+    info = GroupInfo(group_id=f"test-{mode}", host="127.0.0.1", port=free_port(), world_size=3,
                      timeout_s=timeout_s)
     ctx = mp.get_context("spawn")
     out = ctx.Queue()
