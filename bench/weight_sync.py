@@ -19,9 +19,11 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import socket
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -44,7 +46,12 @@ def make_weights(shape: str, dtype: torch.dtype, device: str, seed: int = 0) -> 
         return out
     from bench.shapes import build_policy
 
-    model, _ = build_policy(shape, Path(f"/tmp/saei-bench/ws-{shape}"), 112, device=device, dtype=dtype)
+    # a folder per process: the sender and every consumer build the same policy at once
+    folder = Path(tempfile.gettempdir()) / "saei-bench" / f"ws-{shape}-{os.getpid()}"
+    try:
+        model, _ = build_policy(shape, folder, 112, device=device, dtype=dtype)
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 

@@ -199,23 +199,26 @@ def wait_tcp(ns: str, host: str, port: int, timeout_s: float) -> bool:
     return proc.returncode == 0
 
 
-def hidden_node_script(repo: Path, venv: Path, side: Path, token_file: Path, node_cmd: str) -> str:
+def hidden_node_script(repo: Path, venv: Path, token_file: Path, node_cmd: str) -> str:
     """Bash for `unshare --mount --propagation private --fork bash -c ...`: hide the checkout and /tmp
     behind tmpfs, bind the Python environment back, put the node's token in its own /tmp, exec node_cmd.
 
-    The environment is bound to `side` before the checkout is hidden, then moved back onto an empty
-    folder of the same path; the token is read before /tmp goes (a provisioned secret on the host) and
-    written to the node's own tmpfs, so nothing of the node's runs off the head's disk but the venv.
+    The environment is bound onto a tmpfs of this mount namespace's own (/mnt) before the checkout and
+    /tmp are hidden, then moved back onto an empty folder of the same path (so it may live in the
+    checkout or under /tmp, as in a fresh clone there); the token is read before /tmp goes (a
+    provisioned secret on the host) and written to the node's own tmpfs, so nothing of the node's runs
+    off the head's disk but the venv.
     """
     return "\n".join([
         "set -euo pipefail",
         f"token=$(cat {token_file})",
-        f"mkdir -p {side}",
-        f"mount --bind {venv} {side}",
+        "mount -t tmpfs -o mode=0700 saeimn-side /mnt",
+        "mkdir /mnt/venv",
+        f"mount --bind {venv} /mnt/venv",
         f"mount -t tmpfs -o mode=0755 saeimn-hide {repo}",
-        f"mkdir -p {venv}",
-        f"mount --move {side} {venv}",
         "mount -t tmpfs -o mode=1777 saeimn-tmp /tmp",
+        f"mkdir -p {venv}",
+        f"mount --move /mnt/venv {venv}",
         "umask 077",
         "mkdir -p /tmp/node/home",
         'printf %s "$token" > /tmp/node/auth_token',
