@@ -27,7 +27,7 @@ def test_bootstrap_cli_gives_a_middling_policy_that_reads_the_image(bootstrapped
     info = json.loads((tmp_path / "tiny_policy/bootstrap/bootstrap.json").read_text())
     assert info["n_test"] == 200 and info["format_rate"] > 0.9
     # middling: sometimes right, with room for RL (the slip in the demonstrations caps total / more);
-    # measured 0.64, 0.575 and 0.59 for run.seed 0, 1, 2
+    # measured 0.64, 0.575 and 0.59 when the bootstrap took run.seed 0, 1, 2 (it now has its own seed, 0)
     assert 0.4 <= info["accuracy"] <= 0.75, info
     assert info["accuracy_by_family"]["count"] >= 0.9 and info["accuracy_by_family"]["more"] <= 0.6, info
     assert info["accuracy"] >= info["blank_accuracy"] + 0.1, info
