@@ -25,12 +25,16 @@ def cluster_processes(gcs_port: int) -> list[psutil.Process]:
     return list(found.values())
 
 
-def stop_cluster(gcs_port: int) -> None:
-    """SIGKILL the cluster's processes (what `ray stop --force` does, but for this cluster only)."""
-    procs = cluster_processes(gcs_port)
+def kill_all(procs: list[psutil.Process], timeout: float = 30) -> None:
+    """SIGKILL `procs` (gone ones are fine) and wait for them."""
     for p in procs:
         try:
             p.kill()
         except psutil.NoSuchProcess:
             pass
-    psutil.wait_procs(procs, timeout=30)
+    psutil.wait_procs(procs, timeout=timeout)
+
+
+def stop_cluster(gcs_port: int) -> None:
+    """SIGKILL the cluster's processes (what `ray stop --force` does, but for this cluster only)."""
+    kill_all(cluster_processes(gcs_port))

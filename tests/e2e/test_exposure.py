@@ -25,6 +25,7 @@ from pathlib import Path
 
 import psutil
 import pytest
+from ray_head import kill_all
 
 from cluster.metrics import read_metrics
 
@@ -161,13 +162,7 @@ def test_every_listening_socket_of_a_running_job_is_loopback(tmp_path, tiny_poli
         # the clients above talked to a live cluster and the listing saw a running job
         assert job.poll() is None, (tmp_path / "job.log").read_text()[-4000:]
     finally:  # run.steps is more than the test waits for: it ends the job, and the cluster it started
-        tree = _tree(job.pid)
-        for p in tree:
-            try:
-                p.kill()
-            except psutil.NoSuchProcess:
-                pass
-        psutil.wait_procs(tree, timeout=60)
+        kill_all(_tree(job.pid), timeout=60)
         job.wait(timeout=60)
     print(f"{len(sockets)} listening sockets:")
     for (ip, port), who in sorted(sockets.items(), key=lambda x: x[1]):
