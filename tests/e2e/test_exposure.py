@@ -70,7 +70,9 @@ def _listening(procs: list[psutil.Process]) -> dict[tuple[str, int], str]:
     found = {}
     for p in procs:
         try:
-            title = " ".join(p.cmdline())[:80] or p.name()
+            cmd = p.cmdline()
+            # the program's own name first: a long install path must not push it past the cut (CI's is longer)
+            title = " ".join([os.path.basename(cmd[0]), *cmd[1:]])[:80] if cmd else p.name()
             conns = p.net_connections(kind="tcp")
         except (psutil.NoSuchProcess, psutil.AccessDenied):
             continue
