@@ -120,7 +120,7 @@ class BootstrapResult:
 def synthetic_paths(cfg: Config) -> tuple[Path, Path]:
     """The split files of the synthetic task as the config's defaults name them (before cluster.caches
     may key the folder by its settings)."""
-    root = Path(cfg.run.output_dir) / "data" / "synthetic"
+    root = caches.build_root(cfg) / "data" / "synthetic"
     return root / "train.parquet", root / "test.parquet"
 
 
@@ -132,6 +132,7 @@ def ensure_data(cfg: Config) -> None:
     """Render the synthetic split files named by the config when they are missing. A folder rendered with
     other synthetic settings is left as it is: the data go to a sibling keyed by the settings
     (cluster.caches), and `data.train_files` / `data.test_files` of `cfg` are pointed there."""
+    caches.localize_build_paths(cfg)
     train, test = synthetic_paths(cfg)
     named = set(cfg.data.train_files) | set(cfg.data.test_files)
     if not cfg.data.build_synthetic or not (named & {str(train), str(test)}):
@@ -332,6 +333,7 @@ def ensure_policy(cfg: Config, settings: BootstrapSettings | None = None, progre
     When `model.path` holds a policy bootstrapped with other settings (another data seed, difficulty,
     architecture), the policy of this config's settings lives in a keyed sibling (cluster.caches):
     built there when missing, and `cfg.model.path` is pointed at it."""
+    caches.localize_build_paths(cfg)
     path = Path(cfg.model.path)
     if (path / "config.json").exists() and (not cfg.model.build_tiny or not (path / "bootstrap.json").exists()):
         return path  # a folder of the user's, not one the bootstrap wrote: nothing recorded to compare

@@ -20,6 +20,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from core.node_cache import default_cache_root
+
 log = logging.getLogger("saei.caches")
 
 STAMP = "built_with.json"
@@ -88,3 +90,33 @@ def resolve(path: Path, wanted: dict, what: str, done: Callable[[Path], bool]) -
         raise ValueError(f"{what} at {keyed} does not match the settings its name stands for ({', '.join(wrong)} "
                          "differ): delete that folder to rebuild it")
     return keyed
+
+
+def build_root(cfg) -> Path:
+    """Where the driver keeps what it builds (synthetic data, the tiny policy): `run.output_dir`, or,
+    when that is a storage URI, this node's cache (`$SAEI_CACHE_DIR/build`): only the driver reads these
+    (the prompts travel through Ray, the policy through the object store), and a bootstrap is minutes
+    of local compute, not something to stream to a bucket."""
+    out = cfg.run.output_dir
+    return default_cache_root() / "build" if "://" in out and not out.startswith("file://") else Path(out)
+
+
+def localize_build_paths(cfg) -> None:
+    """Point the defaults that name the driver's builds under a storage URI (`<output_dir>/data/synthetic/...`,
+    `<output_dir>/tiny_policy/...`, as the config's interpolation makes them) at `build_root`."""
+    out = cfg.run.output_dir.rstrip("/")
+    root = build_root(cfg)
+    if root == Path(out):
+        return
+
+    def local(p: str) -> str:
+        for sub in ("/data/synthetic/", "/tiny_policy/"):
+            if p.startswith(out + sub):
+                return str(root / p[len(out) + 1:])
+        return p
+
+    cfg.data.train_files = [local(f) for f in cfg.data.train_files]
+    cfg.data.test_files = [local(f) for f in cfg.data.test_files]
+    if local(cfg.model.path) != cfg.model.path:
+        cfg.model.path = local(cfg.model.path)
+        log.info("run.output_dir is a storage URI: the tiny policy and the synthetic data are built in %s", root)

@@ -304,6 +304,10 @@ class LoggingConfig:
     """Write PNG curves of reward, accuracy and entropy at the end of the run."""
     level: str = "INFO"
     """Python log level."""
+    sync_every_s: float = 30.0
+    """When `run.output_dir` is not a local path: upload the driver's changed files (metrics.jsonl,
+    TensorBoard events, config) to the run's storage folder after a step at most this often, in
+    seconds; always at a checkpoint, a stop and the end. 0: after every step."""
 
 
 @dataclass

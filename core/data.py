@@ -20,9 +20,13 @@ unreadable parquet file) always raise `DataError`; a missing file raises `FileNo
 from __future__ import annotations
 
 import errno
+import fnmatch
 import glob
+import hashlib
 import logging
 import os
+import posixpath
+import uuid
 from collections.abc import Iterator
 from typing import Any
 
@@ -31,6 +35,8 @@ from core.data_jsonl import jsonl_rows
 from core.data_parquet import parquet_rows
 from core.data_rows import FILE_KINDS, IMAGE_MARK, SKIP_KINDS, DataError, DataReport, SkippedRow, clean_answer
 from core.images import MAX_IMAGE_PIXELS, check_pixels, fit_image, fitted_size
+from core.node_cache import default_cache_root
+from core.storage import Storage
 
 __all__ = [
     "FILE_KINDS", "IMAGE_MARK", "MAX_IMAGE_PIXELS", "SKIP_KINDS", "DataError", "DataReport", "SkippedRow",
@@ -46,11 +52,15 @@ _LOG_FIRST_SKIPS = 20
 
 def expand_paths(paths: str | os.PathLike | list[str | os.PathLike]) -> list[str]:
     """Data files named by `paths`: files as given, directories' .parquet/.jsonl/.json files sorted,
-    globs expanded sorted. Raises FileNotFoundError naming what matched nothing."""
+    globs expanded sorted. A storage URI (s3://, gs://, ...) names a file, a folder or a glob in its last
+    part; its files are copied into this node's cache (`_remote_files`) and their local copies returned.
+    Raises FileNotFoundError naming what matched nothing."""
     entries = [paths] if isinstance(paths, str | os.PathLike) else list(paths)
     files: list[str] = []
     for entry in map(os.fspath, entries):
-        if os.path.isdir(entry):
+        if "://" in entry and not entry.startswith("file://"):
+            found = _remote_files(entry)
+        elif os.path.isdir(entry):
             found = sorted(os.path.join(entry, n) for n in os.listdir(entry)
                            if os.path.splitext(n)[1].lower() in _EXTENSIONS and os.path.isfile(os.path.join(entry, n)))
             if not found:
@@ -65,6 +75,35 @@ def expand_paths(paths: str | os.PathLike | list[str | os.PathLike]) -> list[str
             raise FileNotFoundError(errno.ENOENT, "data file not found", entry)
         files.extend(found)
     return files
+
+
+def _remote_files(uri: str) -> list[str]:
+    """Local copies of the data files a storage URI names, under `<node cache>/data/<hash of the URI>/`;
+    a copy is fetched again when its size differs from the stored file's. Only the data files come:
+    JSONL image paths relative to a remote file are not fetched (embed them, or use a local folder)."""
+    parent, name = posixpath.split(uri.rstrip("/"))
+    if glob.has_magic(name):
+        folder = Storage(parent)
+        names = [n for n in folder.list() if fnmatch.fnmatch(n, name) and folder.size(n) is not None]
+    elif Storage(uri).size() is not None:
+        folder, names = Storage(parent), [name]
+    else:
+        folder = Storage(uri)
+        names = [n for n in folder.list() if os.path.splitext(n)[1].lower() in _EXTENSIONS]
+    if not names:
+        raise FileNotFoundError(errno.ENOENT, "no data files in storage at", uri)
+    local = default_cache_root() / "data" / hashlib.sha256(folder.uri.encode()).hexdigest()[:16]
+    local.mkdir(parents=True, exist_ok=True)
+    out = []
+    for n in sorted(names):
+        dest, size = local / n, folder.size(n)
+        if not dest.is_file() or dest.stat().st_size != size:
+            tmp = local / f".{n}.{os.getpid()}.{uuid.uuid4().hex[:8]}"
+            tmp.write_bytes(folder.read_bytes(n))
+            os.replace(tmp, dest)  # two processes fetching at once each write whole files
+            log.info("fetched %s/%s into %s", folder.uri, n, dest)
+        out.append(str(dest))
+    return out
 
 
 def _format_of(file: str, fmt: str) -> str:

@@ -115,6 +115,13 @@ class Storage:
         with self._errors("stat", path):
             return fs.get_file_info(path).type != pafs.FileType.NotFound
 
+    def size(self, rel: str = "") -> int | None:
+        """Bytes of a file; None when there is no file at `rel`."""
+        fs, path = self._fs(rel)
+        with self._errors("stat", path):
+            info = fs.get_file_info(path)
+        return info.size if info.type == pafs.FileType.File else None
+
     def list(self, rel: str = "") -> list[str]:
         """Names (not paths) directly inside a folder, sorted; [] when the folder does not exist."""
         fs, path = self._fs(rel)

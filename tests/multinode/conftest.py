@@ -141,11 +141,13 @@ class TwoNodes:
 
     def start_head_and_s3(self) -> None:
         env = netns.base_env(self.venv, str(self.work / "a" / "home"))
-        env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(self.token_path_a),
+        # storage credentials come from each node's own environment (as an instance role would give them):
+        # the job's driver and every worker on the node inherit the raylet's
+        env.update(self.aws_env, RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(self.token_path_a),
                    RAY_USAGE_STATS_ENABLED="0")
         exec_a = ["ip", "netns", "exec", self.net.ns_a]
         self._popen("s3", [*exec_a, str(self.venv / "bin/python"), "-m", "moto.server", "-H", self.ip_a,
-                           "-p", str(S3_PORT)], dict(env, **self.aws_env))
+                           "-p", str(S3_PORT)], env)
         self._popen("head", [*exec_a, str(self.venv / "bin/ray"), "start", "--head", "--block",
                              f"--node-ip-address={self.ip_a}", f"--dashboard-host={self.ip_a}",
                              f"--port={GCS_PORT}", f"--dashboard-port={DASHBOARD_PORT}",
@@ -164,7 +166,7 @@ class TwoNodes:
                              "--disable-usage-stats"])
         script = netns.hidden_node_script(self.repo, self.venv, self.token_path_b, node_cmd)
         env = netns.base_env(self.venv, "/")
-        env.update(RAY_USAGE_STATS_ENABLED="0")
+        env.update(self.aws_env, RAY_USAGE_STATS_ENABLED="0")
         self._popen("worker", ["ip", "netns", "exec", self.net.ns_b, "unshare", "--mount", "--propagation",
                                "private", "--fork", "bash", "-c", script], env)
 
