@@ -1,6 +1,7 @@
 """cluster.caches: a cache folder is reused only by the settings that built it; others get a keyed sibling."""
 
 import logging
+from pathlib import Path
 
 import pytest
 
@@ -64,3 +65,26 @@ def test_differences_name_nested_and_listed_keys():
     assert caches.differences(built, {"a": {"b": 2}, "files": [{"seed": 3}]}) == {"a.b": (1, 2),
                                                                                  "files.0.seed": (0, 3)}
     assert caches.differences(built, {"a": {"b": 1}}) == {}
+
+
+def test_a_uri_output_dir_keeps_the_drivers_builds_in_the_node_cache(tmp_path, monkeypatch):
+    from core.config import load_config
+
+    monkeypatch.setenv("SAEI_CACHE_DIR", str(tmp_path / "cache"))
+    cfg = load_config(None, ["run.output_dir=s3://bucket/runs", "data.test_files=[s3://bucket/mine/test.parquet]"])
+    assert cfg.model.path == "s3://bucket/runs/tiny_policy/bootstrap"  # what the interpolation makes
+    caches.localize_build_paths(cfg)
+    build = tmp_path / "cache" / "build"
+    assert cfg.model.path == str(build / "tiny_policy" / "bootstrap")
+    assert cfg.data.train_files == [str(build / "data" / "synthetic" / "train.parquet")]
+    assert cfg.data.test_files == ["s3://bucket/mine/test.parquet"]  # the user's own file stays where it is
+
+
+def test_a_local_output_dir_keeps_its_builds_in_place():
+    from core.config import load_config
+
+    cfg = load_config(None, ["run.output_dir=somewhere"])
+    before = (cfg.model.path, list(cfg.data.train_files))
+    caches.localize_build_paths(cfg)
+    assert (cfg.model.path, cfg.data.train_files) == before
+    assert caches.build_root(cfg) == Path("somewhere")
