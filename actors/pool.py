@@ -6,7 +6,9 @@ once in request order (`generate`). Every request carries its own seed, so a tas
 actor is sent again, to any live actor, and gives the very same samples: none is lost and none is
 duplicated. An actor that Ray restarts catches up with the current weights before it serves again
 (every call names the weights version it needs), and every answer's weights fingerprint is checked
-against the learner's for its version (`expect`).
+against the learner's for its version (`expect`). The actors spread over the nodes that fit
+(`cluster.rollout_*`); one that Ray must restart where no node has room is waited for up to
+`cluster.placement_timeout_s` (actors.placement), then the pool raises PlacementTimeout naming the resources.
 """
 
 from __future__ import annotations
@@ -23,10 +25,13 @@ import ray
 import torch
 from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
 
+from actors.placement import PlacementWatch
 from actors.rollout import RolloutActor, RolloutRequest
 from core.batch import Sample
 from core.config import Config, SamplingConfig
 from core.members import RestartCounter, check_served
+from core.node_cache import PolicyFolder
+from core.resources import PlacementTimeout, actor_options, describe, role_resources, unplaced_message
 from core.weights import StaleWeights
 
 __all__ = ["RolloutPool", "RolloutRequest", "RolloutStats"]
@@ -92,17 +97,14 @@ class _Task:
     merge: bool = False  # may absorb the merge-tasks queued right behind it when it is sent
 
 
-def _describe(resources: dict[str, float]) -> str:
-    return ", ".join(f"{k}={v:g}" for k, v in resources.items()) or "nothing"
-
-
 class RolloutPool:
     """K rollout actors behind one queue. Not thread-safe: one driver loop owns it."""
 
     _INFLIGHT = 2  # tasks queued per actor, so it never idles between two of them
 
-    def __init__(self, model_path: str, cfg: Config, num_actors: int | None = None):
-        self.model_path = str(model_path)
+    def __init__(self, model_path: str | PolicyFolder, cfg: Config, num_actors: int | None = None):
+        # a PolicyFolder travels as it is (each actor gets the folder on its node); a path as a str
+        self.model_path = model_path if isinstance(model_path, PolicyFolder) else str(model_path)
         self.cfg = cfg
         self.actors: list = []
         self.failures: dict[int, int] = {}  # actor slot -> deaths of the actor now in it
@@ -120,23 +122,26 @@ class RolloutPool:
         self.weights_provider: Callable[[], ray.ObjectRef] | None = None
         self.tag = uuid.uuid4().hex[:8]
         self.created = 0
+        self.watch = PlacementWatch("rollout", "rollout actor", cfg.cluster)  # bounds every wait on an actor
         wanted = cfg.cluster.rollout_workers if num_actors is None else num_actors
         if self.resize(wanted) < 1:
-            raise RuntimeError("no rollout actor could be placed (see the log above); the job cannot generate")
+            raise PlacementTimeout(unplaced_message("rollout actor", wanted, wanted, cfg.cluster, "rollout",
+                                                    ray.available_resources()))
 
     # ---- membership ------------------------------------------------------------------------------
     def actor_resources(self) -> dict[str, float]:
         """What Ray must find free on one node for each rollout actor."""
-        c = self.cfg.cluster
-        return {"CPU": float(c.rollout_cpus), "GPU": float(c.rollout_gpus)}
+        return role_resources(self.cfg.cluster, "rollout")
 
     def _new_actor(self):
         c = self.cfg.cluster
         # named (rollout-<pool>-<n>): the dashboard and `ray list actors` show which is which, and ops
         # tooling can reach one by name (`ray.get_actor(name, namespace)`)
         self.created += 1
-        return RolloutActor.options(name=f"rollout-{self.tag}-{self.created}", num_cpus=c.rollout_cpus,
-                                    num_gpus=c.rollout_gpus, max_restarts=c.max_restarts,
+        # SPREAD: over the nodes that fit (cluster.rollout_resources / accelerator type), one engine's
+        # node dying costs one actor; no node affinity, so Ray restarts a dead one on any surviving node
+        return RolloutActor.options(name=f"rollout-{self.tag}-{self.created}", scheduling_strategy="SPREAD",
+                                    **actor_options(c, "rollout"), max_restarts=c.max_restarts,
                                     max_task_retries=0).remote(self.model_path, self.cfg)
 
     def resize(self, k: int) -> int:
@@ -180,7 +185,7 @@ class RolloutPool:
                 up.append(starting.pop(ref))
             if starting:
                 log.info("rollout pool: waiting for %d of %d new rollout actor(s) (%s each) for %.0f of %.0f s",
-                         len(starting), n, _describe(self.actor_resources()), time.monotonic() - t0, timeout)
+                         len(starting), n, describe(self.actor_resources()), time.monotonic() - t0, timeout)
         for actor in starting.values():
             ray.kill(actor)  # it must not take a node's room later, outside the pool
         if starting:
@@ -188,8 +193,9 @@ class RolloutPool:
             free = {k: avail.get(k, 0.0) for k in self.actor_resources()}
             log.error("rollout pool: %d new rollout actor(s) not up after %.0f s (cluster.placement_timeout_s); "
                       "each needs %s on one node, the cluster has %s free. Add nodes with that room or lower "
-                      "cluster.rollout_cpus / rollout_gpus; the pool goes on with %d actor(s)", len(starting),
-                      timeout, _describe(self.actor_resources()), _describe(free), len(self.actors) + len(up))
+                      "cluster.rollout_cpus / rollout_gpus / rollout_resources; the pool goes on with %d actor(s)",
+                      len(starting), timeout, describe(self.actor_resources()), describe(free),
+                      len(self.actors) + len(up))
         return up
 
     @property
@@ -202,7 +208,9 @@ class RolloutPool:
             raise RuntimeError("load weights between steps, not while requests are in flight")
         self.weights_ref = weights if isinstance(weights, ray.ObjectRef) else ray.put(weights)
         self.version += 1
-        for i, ref in enumerate([a.load_weights.remote(self.weights_ref, self.version) for a in self.actors]):
+        refs = [a.load_weights.remote(self.weights_ref, self.version) for a in self.actors]
+        self.watch.wait(refs, self.actors, num_returns=len(refs))  # a restarted actor may wait for a node
+        for i, ref in enumerate(refs):
             try:
                 ray.get(ref)
             except _DIED as err:
@@ -299,7 +307,7 @@ class RolloutPool:
     def poll(self, timeout: float | None = None) -> list[tuple[int, list[Sample]]]:
         """Results that are ready, as (ticket, samples); waits up to `timeout` s for the first one."""
         if self.inflight:
-            ready, _ = ray.wait(list(self.inflight), num_returns=1, timeout=timeout)
+            ready = self.watch.wait(list(self.inflight), self.actors, timeout=timeout)
             ready, _ = ray.wait(list(self.inflight), num_returns=len(self.inflight), timeout=0) if ready else ([], [])
             for ref in ready:
                 slot, task = self.inflight.pop(ref)

@@ -22,6 +22,7 @@ from core.batch import Prompt, Sample
 from core.config import Config, SamplingConfig
 from core.devices import role_device
 from core.members import HeldWeights
+from core.node_cache import PolicyFolder, node_local
 from core.policy import chat_prompt, load_processor
 from core.rewards import score
 from core.weights import GroupInfo
@@ -46,15 +47,20 @@ class RolloutRequest:
 
 
 class Rollout:
-    """One engine serving the policy, with the chat template and reward scoring around it."""
+    """One engine serving the policy, with the chat template and reward scoring around it.
 
-    def __init__(self, model_path: str, cfg: Config, device: str | None = None):
+    model_path: the policy folder on this node. host: this node's address (the Ray shell gives Ray's):
+    what vLLM's own processes and this engine's weight-group device bind (None: loopback for vLLM,
+    the weight group's host for the group, as on one machine)."""
+
+    def __init__(self, model_path: str, cfg: Config, device: str | None = None, host: str | None = None):
         device = device or role_device(cfg.cluster.rollout_gpus)
         if device == "cpu":
             torch.set_num_threads(max(1, int(cfg.cluster.rollout_cpus)))  # the cores are shared
         self.cfg = cfg
+        self.host = host
         self.processor = load_processor(model_path)
-        self.engine = make_engine(model_path, cfg, device)
+        self.engine = make_engine(model_path, cfg, device, host=host)
 
     def generate(self, requests: list[RolloutRequest], sampling: SamplingConfig) -> tuple[list[list[Sample]], dict]:
         """Samples of every request (n each, in order, rewards scored) and the engine's counts."""
@@ -87,7 +93,7 @@ class Rollout:
 
     def receive_weights(self, info: GroupInfo, rank: int) -> tuple[int, str | None]:
         """A sync of the weight group `info` from `rank` on: (the version received, its fingerprint)."""
-        version = self.engine.receive_weights(info, rank)
+        version = self.engine.receive_weights(info, rank, own_host=self.host)
         return version, self.engine.received_fingerprint
 
     @property
@@ -107,8 +113,9 @@ class RolloutActor:
     exits, Ray restarts it with a fresh engine, and the pool sends the lost requests again.
     """
 
-    def __init__(self, model_path: str, cfg: Config):
-        self.rollout = Rollout(model_path, cfg)
+    def __init__(self, model_path: str | PolicyFolder, cfg: Config):
+        host = ray.util.get_node_ip_address()  # this node's: what its sockets bind
+        self.rollout = Rollout(node_local(model_path, get=ray.get, where=host), cfg, host=host)
         self.held = HeldWeights("rollout actor")
 
     def ready(self) -> bool:

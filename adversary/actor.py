@@ -23,7 +23,9 @@ from core.batch import Prompt
 from core.config import Config
 from core.devices import role_device
 from core.members import HeldWeights
+from core.node_cache import PolicyFolder, node_local
 from core.policy import load_policy, load_processor
+from core.resources import actor_options
 from core.weights import GroupInfo
 
 
@@ -31,7 +33,9 @@ from core.weights import GroupInfo
 class AdversaryActor:
     """Ray shell: every method forwards to the in-process `Attacker`, after catching up on weights."""
 
-    def __init__(self, model_path: str, cfg: Config):
+    def __init__(self, model_path: str | PolicyFolder, cfg: Config):
+        self.host = ray.util.get_node_ip_address()  # this node's: what its weight-group device binds
+        model_path = node_local(model_path, get=ray.get, where=self.host)  # the policy on this node
         device = role_device(cfg.cluster.adversary_gpus)
         if device == "cpu":
             torch.set_num_threads(max(1, int(cfg.cluster.adversary_cpus)))  # cores are shared
@@ -70,7 +74,7 @@ class AdversaryActor:
 
     def receive_weights(self, info: GroupInfo, rank: int, version: int) -> None:
         """Receive `version` from the weight group `info` (cluster.weight_sync=broadcast) as its `rank`."""
-        self.held.receive(lambda: self.attacker.receive_weights(info, rank), version)
+        self.held.receive(lambda: self.attacker.receive_weights(info, rank, own_host=self.host), version)
 
     def weight_group_id(self) -> str | None:
         """The weight group this actor is a member of (None after a restart)."""
@@ -81,10 +85,11 @@ class AdversaryActor:
         return self.held.version
 
 
-def create_adversary_actor(model_path: str, cfg: Config):
-    """Start the adversary actor with the resources the config gives it."""
+def create_adversary_actor(model_path: str | PolicyFolder, cfg: Config):
+    """Start the adversary actor with the resources the config gives it (cluster.adversary_cpus / _gpus /
+    _resources / _accelerator_type)."""
     # an attack is a pure function of (prompt, responses, weights version): Ray may run it again on the
     # restarted actor, which catches up on the weights first
-    return AdversaryActor.options(num_cpus=cfg.cluster.adversary_cpus, num_gpus=cfg.cluster.adversary_gpus,
-                                  max_restarts=cfg.cluster.max_restarts,
+    # anywhere it fits (Ray's default strategy): cluster.adversary_* may pin it to a kind of node
+    return AdversaryActor.options(**actor_options(cfg.cluster, "adversary"), max_restarts=cfg.cluster.max_restarts,
                                   max_task_retries=cfg.cluster.max_restarts).remote(model_path, cfg)

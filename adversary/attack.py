@@ -111,11 +111,11 @@ class Attacker:
         """Take the learner's new weights (full state dict, Hugging Face names); strict."""
         self.policy.load_state_dict({k: v.to(self.device) for k, v in named_tensors.items()}, strict=True)
 
-    def receive_weights(self, info: weights.GroupInfo, rank: int) -> tuple[int, str | None]:
-        """Take the learner's new weights from a sync of the weight group `info` (as its `rank`); returns
-        the version and the fingerprint of what arrived. A manifest that does not match the policy raises
-        and changes nothing."""
-        self._wgroup = weights.join(getattr(self, "_wgroup", None), info, rank)
+    def receive_weights(self, info: weights.GroupInfo, rank: int, own_host: str | None = None) -> tuple[int, str | None]:
+        """Take the learner's new weights from a sync of the weight group `info` (as its `rank`; its device
+        on `own_host`, this node's address); returns the version and the fingerprint of what arrived. A
+        manifest that does not match the policy raises and changes nothing."""
+        self._wgroup = weights.join(getattr(self, "_wgroup", None), info, rank, own_host)
         version = weights.receive_into(self._wgroup, self.policy.state_dict()).version
         return version, self._wgroup.last_fingerprint
 

@@ -51,6 +51,7 @@ from core.policy import (
     save_processor,
     vision_special_ids,
 )
+from core.storage import Storage
 
 log = logging.getLogger("saei.bootstrap")
 
@@ -328,12 +329,18 @@ def bootstrap(cfg: Config, settings: BootstrapSettings | None = None, out: str |
     return result
 
 
-def ensure_policy(cfg: Config, settings: BootstrapSettings | None = None, progress: bool = True) -> Path:
+def ensure_policy(cfg: Config, settings: BootstrapSettings | None = None, progress: bool = True) -> Path | str:
     """`model.path`, bootstrapping the tiny policy first when it is missing and `model.build_tiny` is set.
     When `model.path` holds a policy bootstrapped with other settings (another data seed, difficulty,
     architecture), the policy of this config's settings lives in a keyed sibling (cluster.caches):
-    built there when missing, and `cfg.model.path` is pointed at it."""
+    built there when missing, and `cfg.model.path` is pointed at it. A storage URI is returned as it is,
+    once its config.json is found (nothing is built into a URI)."""
     caches.localize_build_paths(cfg)
+    if "://" in cfg.model.path:
+        if Storage(cfg.model.path).size("config.json") is None:
+            raise FileNotFoundError(f"model.path {cfg.model.path}: no config.json there; a policy URI must name "
+                                    "a Hugging Face folder (the tiny policy is built only into a local path)")
+        return cfg.model.path
     path = Path(cfg.model.path)
     if (path / "config.json").exists() and (not cfg.model.build_tiny or not (path / "bootstrap.json").exists()):
         return path  # a folder of the user's, not one the bootstrap wrote: nothing recorded to compare

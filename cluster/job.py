@@ -13,7 +13,6 @@ import json
 import logging
 import signal
 import time
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 import ray
@@ -25,9 +24,12 @@ from cluster.checkpoints import Cursor, Interrupted, JobStopped, checkpoint_path
 from cluster.metrics import MetricsSink, plot_curves
 from cluster.ops import start_controller
 from cluster.pipeline import Parts, evaluate, saei_step
+from core.node_cache import policy_folder
+from core.resources import PlacementTimeout
 from learner.group import LearnerGroup, LearnerRankDied
 
 if TYPE_CHECKING:
+    from cluster.run_folder import RunFolder
     from cluster.train import Inputs
 
 log = logging.getLogger("cluster.train")
@@ -57,11 +59,11 @@ class StopFlag:
         return self.signum is not None
 
 
-def resume_learner(parts: Parts, ckpt: Path) -> dict:
+def resume_learner(parts: Parts, ckpt: str) -> dict:
     """Load every learner rank from `ckpt` and bring the rollout pool and the adversary to its weights
     through the step's own weight sync (`cluster.weight_sync`: a broadcast when configured); returns
     the client state saved with the checkpoint (step, data cursor)."""
-    client = parts.learner.load(str(ckpt))
+    client = parts.learner.load(ckpt)  # a local path or a storage URI: each rank reads storage itself
     parts.weights.sync()
     return client
 
@@ -69,16 +71,21 @@ def resume_learner(parts: Parts, ckpt: Path) -> dict:
 class Job:
     """The roles of one run and what the loop keeps between steps."""
 
-    def __init__(self, cfg, inputs: Inputs, run_dir: Path):
-        self.cfg, self.inputs, self.run_dir = cfg, inputs, run_dir
-        self.controller = start_controller(cfg.cluster.namespace, run_dir.name, cfg.cluster.rollout_workers)
-        learner = LearnerGroup(inputs.model_path, cfg)
-        pool = RolloutPool(inputs.model_path, cfg)
-        adversary = create_adversary_actor(inputs.model_path, cfg) if cfg.rollout.n_adv > 0 else None
+    def __init__(self, cfg, inputs: Inputs, run: RunFolder):
+        self.cfg, self.inputs, self.folder = cfg, inputs, run
+        self.run_dir = run.local  # where the driver writes its files (uploaded to folder.storage by folder.sync)
+        self.controller = start_controller(cfg.cluster.namespace, run.name, cfg.cluster.rollout_workers)
+        # every node gets the policy from its URI or from Ray's object store, never from the driver's disk
+        policy = policy_folder(inputs.model_path, put=ray.put, ship_max_bytes=int(cfg.model.ship_max_gb * 2**30))
+        learner = LearnerGroup(policy, cfg)
+        learner.check_storage(run.storage.uri, run.token)  # Ray Train's marker: the run folder is seen by every rank
+        pool = RolloutPool(policy, cfg)
+        adversary = create_adversary_actor(policy, cfg) if cfg.rollout.n_adv > 0 else None
         self.parts = Parts(cfg=cfg, pool=pool, learner=learner, adversary=adversary)
-        self.sink = MetricsSink(run_dir, cfg.logging, run_name=run_dir.name, resume_after=inputs.resume_step)
+        self.sink = MetricsSink(run.local, cfg.logging, run_name=run.name, resume_after=inputs.resume_step)
         self.cursor = Cursor(len(inputs.train_prompts), cfg.data.batch_size, cfg.run.seed, cfg.data.shuffle)
-        self.last_checkpoint: Path | None = inputs.resume  # the newest complete checkpoint of this run
+        # the URI of the newest complete checkpoint of this run
+        self.last_checkpoint: str | None = inputs.resume.uri if inputs.resume is not None else None
         self.saved_step: int | None = inputs.resume_step  # its step
         self.last: dict = {}  # the last step's metrics
         self.evals: dict = {}  # the last evaluation's
@@ -89,20 +96,23 @@ class Job:
         if self.inputs.resume is None:
             return 1
         try:
-            client = resume_learner(self.parts, self.inputs.resume)
+            client = resume_learner(self.parts, self.last_checkpoint)
         except LearnerRankDied as err:  # the same stop as in a step: one line naming the rank and the checkpoint
-            raise JobStopped(f"{err}; the job stops (an FSDP group cannot lose a rank)", self.inputs.resume) from err
+            raise JobStopped(f"{err}; the job stops (an FSDP group cannot lose a rank)", self.last_checkpoint) from err
         cfg = self.cfg
         self.cursor = Cursor(len(self.inputs.train_prompts), cfg.data.batch_size, cfg.run.seed, cfg.data.shuffle,
                              client.get("cursor"))
-        log.info("resumed from %s at step %d", self.inputs.resume, self.inputs.resume_step + 1)
+        log.info("resumed from %s at step %d", self.last_checkpoint, self.inputs.resume_step + 1)
         return self.inputs.resume_step + 1
 
-    def checkpoint(self, step: int) -> Path:
-        path = checkpoint_path(self.run_dir, step)
-        self.parts.learner.save(str(path), {"cursor": self.cursor.state(), "step": step})
-        self.last_checkpoint, self.saved_step = path, step
-        return path
+    def checkpoint(self, step: int) -> str:
+        """Every learner rank writes its part to storage (learner.checkpoint); returns the URI. The driver's
+        files go up with it, so the run's storage holds the metrics of every step it has weights of."""
+        uri = checkpoint_path(self.folder.storage, step).uri
+        self.parts.learner.save(uri, {"cursor": self.cursor.state(), "step": step})
+        self.last_checkpoint, self.saved_step = uri, step
+        self.folder.sync(force=True)
+        return uri
 
     def evaluate(self, step: int) -> None:
         self.evals = evaluate(self.parts.pool, self.cfg, self.inputs.test_prompts, step)
@@ -117,7 +127,7 @@ class Job:
             self.baseline = self.evals
             log.info("before training: greedy accuracy %.3f, pass@%d %.3f", self.evals["eval/accuracy"],
                      cfg.rollout.eval_k, self.evals["eval/pass@k"])
-        bar = tqdm(range(first_step, cfg.run.steps + 1), desc=self.run_dir.name,
+        bar = tqdm(range(first_step, cfg.run.steps + 1), desc=self.folder.name,
                    disable=not cfg.logging.progress_bar, dynamic_ncols=True)
         try:
             for step in bar:
@@ -128,6 +138,7 @@ class Job:
                 metrics = saei_step(self.parts, prompts, step, progress=(step - 1) / max(1, cfg.run.steps - 1))
                 self.sink.log(step, metrics)
                 self.last = metrics
+                self.folder.sync()  # at most every logging.sync_every_s
                 if step == cfg.run.steps or (cfg.run.eval_every and step % cfg.run.eval_every == 0):
                     self.evaluate(step)
                 if cfg.run.save_every and step % cfg.run.save_every == 0:
@@ -138,6 +149,8 @@ class Job:
                                  "step_s": f"{metrics['time/step_s']:.1f}"})
         except LearnerRankDied as err:
             raise JobStopped(f"{err}; the job stops (an FSDP group cannot lose a rank)", self.last_checkpoint) from err
+        except PlacementTimeout as err:  # a dead actor's replacement found no node (actors/placement.py)
+            raise JobStopped(f"{err}; the job stops", self.last_checkpoint) from err
         finally:
             bar.close()
         return None
@@ -160,6 +173,7 @@ class Job:
             self.checkpoint(step)
         self._report("interrupted", step)
         self.shutdown()
+        self.folder.sync(force=True)  # after the sink closed: its last lines and events are in the files
         return Interrupted(signum, self.last_checkpoint, step)
 
     def finish(self, t_start: float) -> dict:
@@ -168,13 +182,16 @@ class Job:
         ckpt = self.last_checkpoint if self.saved_step == cfg.run.steps else self.checkpoint(cfg.run.steps)
         self.sink.close()
         plots = plot_curves(self.run_dir / "metrics.jsonl", self.run_dir) if cfg.logging.plots else []
+        storage = self.folder.storage
         summary = {
-            "run_dir": str(self.run_dir), "steps": cfg.run.steps, "seconds": time.perf_counter() - t_start,
-            "checkpoint": str(ckpt), "policy": str(ckpt / "hf"), "plots": [str(p) for p in plots],
+            "run_dir": storage.uri, "steps": cfg.run.steps, "seconds": time.perf_counter() - t_start,
+            "checkpoint": ckpt, "policy": f"{ckpt}/hf", "plots": [storage.join(p.name).uri for p in plots],
             "final": {k: v for k, v in {**self.last, **self.evals}.items() if v is not None},
             "before_training": self.baseline,
+            "staged_in": None if storage.is_local else str(self.folder.local),
         }
         (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        self.folder.sync(force=True)
         self._report("finished", cfg.run.steps)
         self.shutdown()
         return summary

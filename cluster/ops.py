@@ -1,11 +1,14 @@
 """Talk to a running SaEI job: `python -m cluster.ops status` and `python -m cluster.ops scale --rollout-workers N`.
 
-The job registers a named, detached-for-its-lifetime `JobController` actor (name `controller`, in
-the config's `cluster.namespace`, `saei` by default). The driver reports every step to it and, between
-steps, applies a resize someone asked for; this CLI only reads and writes the controller, so it
-never blocks the job. It finds the cluster through `--address`, `RAY_ADDRESS`, or the running local
-one (`auto`); with no cluster there it prints one `error:` line and exits 2. `scale --wait S` exits 1
-with a line saying what the job reports when it has not reported the new size within S seconds.
+Each job registers its own `JobController` actor, named after its run folder (`saei-controller-<run>`,
+in the config's `cluster.namespace`, `saei` by default), living as long as the job's driver: two jobs
+on one cluster, even in one namespace, each have theirs and never touch the other's. The driver reports
+every step to it and, between steps, applies a resize someone asked for; this CLI only reads and writes
+a controller, so it never blocks the job. `--run NAME` picks the job (its run folder's name, or a prefix
+of it that only one running job has); without it the CLI talks to the only job running, and when
+several run it lists them and exits 2. It finds the cluster through `--address`, `RAY_ADDRESS`, or the
+running local one (`auto`); with no cluster there it prints one `error:` line and exits 2. `scale --wait
+S` exits 1 with a line saying what the job reports when it has not reported the new size within S seconds.
 """
 
 from __future__ import annotations
@@ -19,7 +22,12 @@ import time
 
 import ray
 
-CONTROLLER = "controller"
+CONTROLLER_PREFIX = "saei-controller-"
+
+
+def controller_name(run_name: str) -> str:
+    """The Ray actor name of the controller of run `run_name` (its run folder's name)."""
+    return CONTROLLER_PREFIX + run_name
 
 
 @ray.remote(num_cpus=0)
@@ -28,6 +36,7 @@ class JobController:
 
     def __init__(self, run_name: str, rollout_workers: int):
         self.status = {"run": run_name, "state": "starting", "step": 0, "rollout_workers": rollout_workers,
+                       "ray_job_id": ray.get_runtime_context().get_job_id(),  # the driver that owns it
                        "started": time.time(), "updated": time.time(), "metrics": {}}
         self.wanted: int | None = None
 
@@ -51,12 +60,58 @@ class JobController:
 
 
 def start_controller(namespace: str, run_name: str, rollout_workers: int):
-    """The job's controller; an old one under the same name (a previous job's) is replaced."""
+    """The controller of run `run_name` (`saei-controller-<run_name>` in `namespace`).
+
+    Another job's controller is never touched: one of the same name that belongs to another running
+    job (another Ray job id) is an error naming it. One left by an earlier run in this same driver
+    (a run started again in one process) is replaced."""
+    name = controller_name(run_name)
     try:
-        ray.kill(ray.get_actor(CONTROLLER, namespace=namespace))
+        old = ray.get_actor(name, namespace=namespace)
     except ValueError:
-        pass
-    return JobController.options(name=CONTROLLER, namespace=namespace).remote(run_name, rollout_workers)
+        old = None
+    if old is not None:
+        try:
+            owner = ray.get(old.get_status.remote(), timeout=60).get("ray_job_id")
+        except ray.exceptions.RayActorError:
+            owner = None  # dying with its job: its name is free in a moment
+        if owner is not None and owner != ray.get_runtime_context().get_job_id():
+            raise RuntimeError(f"another running job (Ray job {owner}) has the controller {name!r} in namespace "
+                               f"{namespace!r}: give this run another run.name or cluster.namespace")
+        ray.kill(old)
+    return JobController.options(name=name, namespace=namespace).remote(run_name, rollout_workers)
+
+
+def running_jobs(namespace: str) -> list[str]:
+    """Run names of the jobs whose controllers are alive in `namespace`, sorted."""
+    return sorted(a["name"][len(CONTROLLER_PREFIX):] for a in ray.util.list_named_actors(all_namespaces=True)
+                  if a.get("namespace") == namespace and a["name"].startswith(CONTROLLER_PREFIX))
+
+
+class NoJob(RuntimeError):
+    """No running job (or none that the CLI can pick without being told which) in the namespace."""
+
+
+def find_controller(namespace: str, run: str | None):
+    """The controller of run `run` (its name, or a prefix only one running job's name has); with
+    `run=None`, of the only job running. NoJob says which jobs run when it cannot choose."""
+    runs = running_jobs(namespace)
+    if not runs:
+        raise NoJob(f"no running SaEI job in namespace {namespace!r} (no {CONTROLLER_PREFIX}* actor); "
+                    "a job in another namespace needs --namespace (its cluster.namespace)")
+    listed = ", ".join(runs)
+    if run is None:
+        if len(runs) > 1:
+            raise NoJob(f"{len(runs)} SaEI jobs run in namespace {namespace!r}: {listed}; name one with --run NAME")
+        run = runs[0]
+    picked = [r for r in runs if r == run] or [r for r in runs if r.startswith(run)]
+    if len(picked) != 1:
+        why = "no running job" if not picked else f"{len(picked)} running jobs"
+        raise NoJob(f"{why} in namespace {namespace!r} match --run {run!r}; running: {listed}")
+    try:
+        return ray.get_actor(controller_name(picked[0]), namespace=namespace)
+    except ValueError:
+        raise NoJob(f"the job {picked[0]!r} has just ended (its controller is gone)") from None
 
 
 class NoCluster(RuntimeError):
@@ -75,7 +130,7 @@ def _reachable(address: str, timeout: float = 5.0) -> bool:
         return False
 
 
-def _connect(address: str | None, namespace: str):
+def _connect(address: str | None, namespace: str, run: str | None):
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     address = address or os.environ.get("RAY_ADDRESS") or "auto"
     if not ray.is_initialized():
@@ -85,10 +140,7 @@ def _connect(address: str | None, namespace: str):
             ray.init(address=address, namespace=namespace, logging_level="ERROR", log_to_driver=False)
         except ConnectionError as err:
             raise NoCluster(str(err).splitlines()[0] if str(err) else type(err).__name__) from None
-    try:
-        return ray.get_actor(CONTROLLER, namespace=namespace)
-    except ValueError:
-        raise SystemExit(f"no running SaEI job in namespace {namespace!r} (no {CONTROLLER!r} actor)") from None
+    return find_controller(namespace, run)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -96,6 +148,8 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--address", default=None, help="Ray address (default: RAY_ADDRESS, else auto)")
     parser.add_argument("--namespace", default="saei", help="the job's cluster.namespace")
+    parser.add_argument("--run", default=None,
+                        help="the job's run folder name (or a prefix only it has); default: the only job running")
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("status", help="print the job's state, step, pool size and last metrics (JSON)")
     scale = sub.add_parser("scale", help="resize the rollout pool between steps")
@@ -104,7 +158,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     try:
-        controller = _connect(args.address, args.namespace)
+        controller = _connect(args.address, args.namespace, args.run)
+    except NoJob as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     except NoCluster as err:
         where = args.address or os.environ.get("RAY_ADDRESS") or "auto (the running local cluster)"
         print(f"error: no Ray cluster at {where} ({err}); point the CLI at the job's cluster with "

@@ -18,6 +18,7 @@ import numpy as np
 import ray
 import torch
 
+from actors.placement import PlacementWatch
 from actors.pool import RolloutPool, RolloutRequest, RolloutStats
 from cluster.evaluation import score_responses
 from cluster.weight_sync import WeightSync
@@ -48,9 +49,19 @@ class Parts:
     adversary_restarts: RestartCounter = field(init=False, default_factory=RestartCounter)
     """Processes the adversary actor has answered from: each new one after the first is a restart (Ray
     retries an attack on the restarted actor by itself, so no error reaches the driver)."""
+    adversary_watch: PlacementWatch = field(init=False)
+    """Bounds the driver's waits on the adversary: one that Ray cannot place (its node died, no other has
+    room) stops the step after `cluster.placement_timeout_s` with a message naming its resources."""
 
     def __post_init__(self) -> None:
         self.weights = WeightSync(self)
+        self.adversary_watch = PlacementWatch("adversary", "adversary", self.cfg.cluster)
+
+    def check_placement(self) -> None:
+        """Raise PlacementTimeout when a rollout actor or the adversary has waited too long for a node."""
+        self.pool.watch.check(self.pool.actors)
+        if self.adversary is not None:
+            self.adversary_watch.check([self.adversary])
 
 
 def request_seed(run_seed: int, step: int, index: int, adversarial: bool) -> int:
@@ -145,7 +156,9 @@ class StepStream:
         """Block until a rollout task or an attack finishes; file the samples that came back and return
         the attacks that finished."""
         waiting = self.pool.pending_refs() + list(self.attacks)
-        ready = set(ray.wait(waiting, num_returns=1)[0]) if waiting else set()
+        ready = set(ray.wait(waiting, num_returns=1, timeout=self.pool.watch.every)[0]) if waiting else set()
+        if waiting and not ready:  # a member that cannot be placed must not hang the step
+            self.parts.check_placement()
         for ticket, samples in self.pool.poll(timeout=0):
             if ticket in self.clean:
                 i = self.clean.pop(ticket)

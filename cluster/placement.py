@@ -1,9 +1,16 @@
-"""GPU placement rules, checked before the job starts an actor.
+"""Where each role runs, and the GPU placement rules checked before the job starts an actor.
 
-Each role asks Ray for its own resources (`cluster.*_cpus` / `cluster.*_gpus`): the learner ranks as
-bundles of one PACK placement group (learner/group.py), every rollout actor and the adversary as plain
-actors (actors/pool.py, adversary/actor.py). Ray treats fractional GPUs as shares of one device: a
-learner rank at 0.9 and an adversary at 0.1 may land on the same GPU.
+Each role asks Ray for its own resources (`cluster.<role>_cpus` / `_gpus` / `_resources` /
+`_accelerator_type`, core.resources): the learner ranks as bundles of one PACK placement group (few
+nodes: FSDP's collectives stay within a node where they can; learner/group.py), the rollout actors
+SPREAD over the nodes that fit (actors/pool.py), the adversary anywhere it fits (adversary/actor.py).
+Custom resources and accelerator types are how an ops team pins a role to a kind of node: start those
+nodes with `ray start --resources='{"rollout_node": 4}'` and set `cluster.rollout_resources={rollout_node: 1}`.
+A role that finds no room within `cluster.placement_timeout_s` (at start, or when Ray restarts an actor
+whose node died) stops the job with a PlacementTimeout naming the resources (actors/placement.py).
+
+Ray treats fractional GPUs as shares of one device: a learner rank at 0.9 and an adversary at 0.1 may
+land on the same GPU.
 
 That is harmless between processes that share no NCCL group, and fatal inside one: NCCL refuses two
 ranks of one communicator on one device. Under `cluster.weight_sync=broadcast` with the learner on GPU,
@@ -20,17 +27,19 @@ Under `object_store` (no NCCL across roles), fractions stay allowed: that is how
 from __future__ import annotations
 
 from core.config import Config, ConfigError
+from core.resources import role_resources
 
 
 def role_requests(cfg: Config) -> dict[str, list[dict[str, float]]]:
     """Ray resources of every actor the job starts, per role, as the roles ask for them: `learner`
     (one bundle per rank, rank 0 first; none with `learner.num_workers=0`, which runs in the driver),
-    `rollout` (one per actor of `cluster.rollout_workers`) and `adversary` (when `rollout.n_adv` > 0)."""
+    `rollout` (one per actor of `cluster.rollout_workers`) and `adversary` (when `rollout.n_adv` > 0); each
+    as core.resources.role_resources (CPU, GPU, then custom resources and the accelerator constraint)."""
     c = cfg.cluster
     return {
-        "learner": [{"CPU": c.learner_cpus, "GPU": c.learner_gpus}] * cfg.learner.num_workers,
-        "rollout": [{"CPU": c.rollout_cpus, "GPU": c.rollout_gpus}] * c.rollout_workers,
-        "adversary": [{"CPU": c.adversary_cpus, "GPU": c.adversary_gpus}] * (cfg.rollout.n_adv > 0),
+        "learner": [role_resources(c, "learner") for _ in range(cfg.learner.num_workers)],
+        "rollout": [role_resources(c, "rollout") for _ in range(c.rollout_workers)],
+        "adversary": [role_resources(c, "adversary") for _ in range(cfg.rollout.n_adv > 0)],
     }
 
 

@@ -32,10 +32,14 @@ from cluster.checkpoints import (  # noqa: F401 (Cursor: the data cursor's home 
     Interrupted,
     JobStopped,
     checkpoint_step,
+    parent,
     resolve_checkpoint,
     run_dir_for,
 )
+from cluster.run_folder import RunFolder
 from core.config import Config, ConfigError, describe, load_config, to_yaml
+from core.resources import PlacementTimeout
+from core.storage import Storage
 
 log = logging.getLogger("cluster.train")
 
@@ -105,13 +109,13 @@ class Inputs:
     """What the job was given, checked before Ray starts."""
 
     model_path: str
-    """The policy folder (bootstrapped first when the config asks for the tiny one)."""
+    """The policy folder (bootstrapped first when the config asks for the tiny one), or its storage URI."""
     train_prompts: list
     """Training prompts (core.batch.Prompt)."""
     test_prompts: list
     """Held-out prompts of the evaluations."""
-    resume: Path | None
-    """The complete checkpoint `run.resume_from` names (None: a new run)."""
+    resume: Storage | None
+    """The complete checkpoint `run.resume_from` names, in storage (None: a new run)."""
     resume_step: int | None
     """The step that checkpoint was written after."""
 
@@ -125,13 +129,16 @@ def check_inputs(cfg: Config) -> Inputs:
         resume = resolve_checkpoint(cfg) if cfg.run.resume_from else None
         resume_step = checkpoint_step(resume) if resume is not None else None
         if resume_step is not None and resume_step > cfg.run.steps:
-            raise ValueError(f"{resume} is after step {resume_step}, beyond run.steps={cfg.run.steps}")
+            raise ValueError(f"{resume.uri} is after step {resume_step}, beyond run.steps={cfg.run.steps}")
+        # unreachable storage, missing credentials, a read-only folder: one line naming the URI, now
+        ((resume and _run_storage(resume)) or Storage(cfg.run.output_dir)).check_writable()
         from cluster.bootstrap import ensure_data, ensure_policy, load_split  # torch, transformers: seconds
+        from core.node_cache import node_local
         from core.policy import load_processor
 
         ensure_data(cfg)
         model_path = str(ensure_policy(cfg, progress=cfg.logging.progress_bar))
-        processor = load_processor(model_path)
+        processor = load_processor(node_local(model_path))  # a URI: fetched into this node's cache
         train_prompts = load_split(cfg, processor, cfg.data.train_files, cfg.data.limit_train)
         test_prompts = load_split(cfg, processor, cfg.data.test_files, cfg.data.limit_test)
     except (ValueError, OSError) as e:  # core.data.DataError and ConfigError are ValueErrors
@@ -139,16 +146,32 @@ def check_inputs(cfg: Config) -> Inputs:
     return Inputs(model_path, train_prompts, test_prompts, resume, resume_step)
 
 
-def open_run_folder(cfg: Config, resume: Path | None) -> Path:
-    """A resumed run keeps its folder (one metrics file, one set of curves); a new run gets a new one."""
-    if resume is not None and resume.parent.name == "checkpoints":
-        run_dir = resume.parent.parent
+def _run_storage(resume: Storage) -> Storage | None:
+    """The run folder of a checkpoint `<run>/checkpoints/step_N` (None: a checkpoint elsewhere)."""
+    up = parent(resume)
+    return parent(up) if up.uri.rstrip("/").endswith("/checkpoints") else None
+
+
+def open_run_folder(cfg: Config, resume: Storage | None) -> RunFolder:
+    """A resumed run keeps its folder (one metrics file, one set of curves); a new run gets a new one.
+    The folder is in storage (`run.output_dir`: a local path or a URI); the driver writes its own files
+    into `RunFolder.local` and uploads them (a local run folder is its own local folder)."""
+    storage = _run_storage(resume) if resume is not None else None
+    if storage is None:
+        storage = run_dir_for(cfg)
+        if storage.is_local:
+            Path(storage.uri).mkdir(parents=True)  # two runs that start in the same second: one fails here
+    run = RunFolder(storage, cfg.logging.sync_every_s, resume=resume is not None and storage.exists())
+    # Ray Train's storage marker: every learner rank checks it reads this token (learner.checkpoint.
+    # check_storage_visible), so a folder only this node can see fails at start
+    run.token = storage.write_marker()
+    (run.local / "config.yaml").write_text(to_yaml(cfg))
+    run.sync(force=True)
+    if storage.is_local:
+        log.info("run folder %s", storage.uri)
     else:
-        run_dir = run_dir_for(cfg)
-        run_dir.mkdir(parents=True)
-    (run_dir / "config.yaml").write_text(to_yaml(cfg))
-    log.info("run folder %s", run_dir)
-    return run_dir
+        log.info("run folder %s (the driver's files are staged in %s)", storage.uri, run.local)
+    return run
 
 
 def train(cfg: Config) -> dict:
@@ -156,7 +179,7 @@ def train(cfg: Config) -> dict:
     (before Ray starts), JobStopped (a learner rank died) or Interrupted (SIGINT / SIGTERM)."""
     t_start = time.perf_counter()
     inputs = check_inputs(cfg)
-    run_dir = open_run_folder(cfg, inputs.resume)
+    run = open_run_folder(cfg, inputs.resume)
     init_ray(cfg)
     from cluster.job import Job, StopFlag
 
@@ -164,20 +187,25 @@ def train(cfg: Config) -> dict:
     stop.install()
     job = None
     try:
-        job = Job(cfg, inputs, run_dir)  # the roles: learner group, rollout pool, adversary, controller
+        job = Job(cfg, inputs, run)  # the roles: learner group, rollout pool, adversary, controller
         first_step = job.resume()
         stopped_after = job.run(first_step, stop)
         if stopped_after is not None:
             raise job.interrupted(stopped_after, stop.signum)
         return job.finish(t_start)
+    except JobStopped:
+        run.sync_quietly()  # the metrics up to the stop, next to the checkpoint to resume from
+        raise
     except KeyboardInterrupt:  # a second signal (or one before the handlers were in place)
-        last = job.last_checkpoint if job is not None else inputs.resume
+        last = job.last_checkpoint if job is not None else (inputs.resume.uri if inputs.resume else None)
         raise Interrupted(stop.signum or signal.SIGINT, last) from None
 
 
 def _print_summary(summary: dict) -> None:
     final = summary["final"]
     print(f"\nrun folder:  {summary['run_dir']}  ({summary['seconds']:.0f} s, {summary['steps']} steps)")
+    if summary.get("staged_in"):
+        print(f"local copy:  {summary['staged_in']}  (the driver's files, uploaded to the run folder)")
     print(f"checkpoint:  {summary['checkpoint']}  (Hugging Face folder: {summary['policy']})")
     print(f"plots:       {', '.join(summary['plots']) or 'none'}")
     print(f"metrics:     {summary['run_dir']}/metrics.jsonl, TensorBoard in {summary['run_dir']}/tensorboard")
@@ -214,7 +242,7 @@ def main(argv: list[str] | None = None) -> int:
     except InputError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except JobStopped as e:
+    except (JobStopped, PlacementTimeout) as e:  # PlacementTimeout: a role found no room at the start
         log.error("%s", e)
         print(f"error: {e}", file=sys.stderr)
         return 1

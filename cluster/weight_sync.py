@@ -78,6 +78,7 @@ class WeightSync:
         pool.load_weights(weights)
         if adversary_sync is not None:
             try:
+                self.parts.adversary_watch.wait([adversary_sync], [adversary])  # bounded: it may wait for a node
                 ray.get(adversary_sync)
             except ray.exceptions.RayActorError:  # restarted: its next attack catches up on the weights
                 log.warning("adversary actor died while loading weights; it catches up at its next attack")

@@ -75,6 +75,9 @@ def _check_choices(cfg: Config, problems: _Problems) -> None:
 
 
 def _check_model(cfg: Config, problems: _Problems) -> None:
+    problems.check(cfg.model.ship_max_gb >= 0, "model.ship_max_gb", "must be >= 0 (0: never ship the folder)")
+    if "://" in cfg.model.path and cfg.model.path.split("://", 1)[1].strip("/") == "":
+        problems.append(f"model.path: a storage URI must name a folder (got {cfg.model.path!r})")
     problems.check(not (cfg.model.shared_prefix and cfg.model.attn_implementation == "flash_attention_2"),
                    "model.shared_prefix", "needs a kernel that takes a custom attention mask (sdpa or eager); set "
                    "it to false with model.attn_implementation=flash_attention_2")
@@ -171,3 +174,22 @@ def _check_cluster(cfg: Config, problems: _Problems) -> None:
         check(getattr(c, key) >= 0, f"cluster.{key}", "must be >= 0")
     check(c.weight_bucket_mb > 0, "cluster.weight_bucket_mb", "must be > 0")
     check(c.weight_sync_timeout_s > 0, "cluster.weight_sync_timeout_s", "must be > 0")
+    check(c.placement_timeout_s > 0, "cluster.placement_timeout_s", "must be > 0")
+    _check_role_resources(cfg, problems)
+
+
+def _check_role_resources(cfg: Config, problems: _Problems) -> None:
+    """Custom Ray resources and accelerator types of the roles (cluster.<role>_resources / _accelerator_type)."""
+    c = cfg.cluster
+    for role in ("learner", "rollout", "adversary"):
+        key = f"cluster.{role}_resources"
+        for name, amount in getattr(c, f"{role}_resources").items():
+            if name in ("CPU", "GPU", "memory", "object_store_memory"):
+                problems.append(f"{key}.{name}: set CPUs and GPUs with cluster.{role}_cpus / cluster.{role}_gpus, "
+                                f"not as a custom resource (got {amount!r})")
+            elif not amount >= 0:
+                problems.append(f"{key}.{name}: must be >= 0 (got {amount!r})")
+        accel = getattr(c, f"{role}_accelerator_type")
+        if accel is not None and (not accel.strip() or ":" in accel):
+            problems.append(f"cluster.{role}_accelerator_type: must be a Ray accelerator type such as A100 or "
+                            f"H100, or null for any (got {accel!r})")

@@ -37,7 +37,12 @@ class RunConfig:
 @dataclass
 class ModelConfig:
     path: str = "${run.output_dir}/tiny_policy/bootstrap"
-    """Local Hugging Face folder of the policy (Qwen2-VL or Qwen2.5-VL). Nothing is fetched from a hub."""
+    """Hugging Face folder of the policy (Qwen2-VL or Qwen2.5-VL): a local path or a storage URI (s3://,
+    gs://, file://), which every node fetches once into its cache. Nothing is fetched from a hub."""
+    ship_max_gb: float = 2.0
+    """A local `path` of at most this many GiB is packed into Ray's object store by the driver and
+    unpacked once per node, so nodes that do not see the driver's disk get it; a bigger local folder
+    must be at the same path on every node (a shared mount), else use a storage URI."""
     build_tiny: bool = True
     """When `path` is missing, build the tiny policy and run the supervised bootstrap to create it."""
     arch: str = "qwen2_vl"
@@ -269,6 +274,22 @@ class ClusterConfig:
     so it can use the cores they generate on; n > 0: exactly n."""
     learner_gpus: float = 0.0
     """GPUs per learner rank."""
+    learner_resources: dict[str, float] = field(default_factory=dict)
+    """Custom Ray resources per learner rank, e.g. `{learner_node: 1}` (a node started with `ray start
+    --resources='{"learner_node": 8}'`): each rank's bundle of the PACK placement group asks for them, so
+    an ops team pins the learner to a kind of node. Empty: CPUs and GPUs only."""
+    learner_accelerator_type: str | None = None
+    """Ray accelerator type every learner rank's node must have (e.g. `A100`, `H100`; Ray's
+    `accelerator_type` option); None: any."""
+    rollout_resources: dict[str, float] = field(default_factory=dict)
+    """Custom Ray resources per rollout actor (see `learner_resources`); the actors spread over the nodes
+    that have them."""
+    rollout_accelerator_type: str | None = None
+    """Ray accelerator type of each rollout actor's node (e.g. `L4`); None: any."""
+    adversary_resources: dict[str, float] = field(default_factory=dict)
+    """Custom Ray resources of the adversary actor (see `learner_resources`); it goes anywhere they fit."""
+    adversary_accelerator_type: str | None = None
+    """Ray accelerator type of the adversary's node; None: any."""
     weight_sync: str = "object_store"
     """Weight transport to the rollout engines and the adversary: object_store (ray.put once, every actor
     gets it: the embedded default) or broadcast (a process group from learner rank 0 to every engine's

@@ -5,6 +5,10 @@ driver (../shared/DESIGN.md, "On a cluster"). Every process on a node that needs
 this cache: the first one downloads it (into a temp folder, then one atomic rename), the others wait on
 the digest's lock file and reuse it. Entries are evicted least-recently-used when the cache is over
 `max_bytes`. The tar helpers carry a folder through the object store when the driver built it locally.
+
+`PolicyFolder` is how the driver hands the policy/processor folder to every role (a storage URI, a
+folder packed into Ray's object store, or a plain path every node sees); its `local()` gives the folder
+on the node that runs it.
 """
 
 from __future__ import annotations
@@ -15,11 +19,15 @@ import io
 import os
 import re
 import shutil
+import socket
 import tarfile
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
+
+import pyarrow.fs as pafs
 
 from core.storage import Storage, StorageError
 
@@ -222,3 +230,102 @@ def _check_member(m: tarfile.TarInfo, dest: Path) -> None:
         target = Path(os.path.normpath(base / link)) if not link.is_absolute() else Path(link)
         if link.is_absolute() or not target.is_relative_to(dest):
             raise ValueError(f"unsafe tar member {m.name!r}: link to {m.linkname!r} leaves the folder")
+
+
+# ---- the policy folder on every node -------------------------------------------------------------
+DEFAULT_SHIP_MAX_BYTES = 2 * 1024**3
+
+
+@dataclass(frozen=True)
+class PolicyFolder:
+    """The policy/processor folder as the driver hands it to every role; `local()` gives a folder on the
+    node it runs on. Small and picklable: Ray sends it to every actor (an ObjectRef nested in an actor
+    argument arrives unresolved, so only a node that needs the bytes fetches them).
+
+    Three forms, made by `policy_folder` on the driver:
+    - a storage URI (`s3://`, `gs://`, `file://`, ...): each node downloads it once into its NodeCache;
+    - a local folder the driver packed into Ray's object store (`packed`): each node unpacks it once;
+    - a plain local path (a folder too big to ship): every node must see it at that path itself.
+    """
+
+    source: str
+    """The driver's local path or a storage URI."""
+    digest: str | None = None
+    """NodeCache key: `tree_digest` of a packed folder, `listing_digest` of a URI (None: a plain path,
+    or a URI whose listing is read when `local` runs)."""
+    packed: object = None
+    """A Ray ObjectRef of `pack_tree(source)` bytes (opaque here: core imports no ray), or None."""
+
+    @property
+    def is_uri(self) -> bool:
+        return "://" in self.source
+
+    def local(self, get: Callable[[object], bytes] | None = None, cache: NodeCache | None = None,
+              where: str | None = None) -> str:
+        """A folder on this node holding the policy. `get` resolves `packed` (the Ray shells pass
+        ray.get); `where` names this node in errors (default: its hostname)."""
+        if self.is_uri:
+            storage = Storage(self.source)
+            if self.digest is None:  # not checked by `policy_folder` on the driver yet
+                _check_policy_uri(storage, self.source)
+            cache = cache or NodeCache()
+            return str(cache.fetch_tree(storage, self.digest or listing_digest(storage)))
+        if self.packed is not None:
+            cache = cache or NodeCache()
+            hit = cache.get(self.digest)
+            if hit is not None:
+                return str(hit)
+            if get is None:
+                raise ValueError(f"the policy folder {self.source} came through Ray's object store: pass get=ray.get")
+            return str(cache.put_bytes(self.digest, get(self.packed)))
+        if (Path(self.source) / "config.json").is_file():
+            return self.source
+        node = where or socket.gethostname()
+        raise FileNotFoundError(f"model.path {self.source}: no config.json at that path on node {node}. Only the "
+                                "driver's node may have it: give a storage URI (s3://..., gs://...) or a path "
+                                "that every node sees (a shared mount), or lower the folder below "
+                                "model.ship_max_gb so that the driver ships it through Ray's object store")
+
+
+def node_local(policy: str | os.PathLike | PolicyFolder, get: Callable[[object], bytes] | None = None,
+               where: str | None = None) -> str:
+    """The policy folder on this node, for a PolicyFolder or a plain path (checked: config.json there)."""
+    folder = policy if isinstance(policy, PolicyFolder) else PolicyFolder(str(policy))
+    return folder.local(get=get, where=where)
+
+
+def listing_digest(storage: Storage) -> str:
+    """sha256 over the relative names, sizes and modification times of a storage folder's files: the
+    cache key of a URI, cheap to compute on the driver (hashing the content would download it)."""
+    fs, base = storage._fs()  # noqa: SLF001 (one module family: core owns Storage)
+    with storage._errors("list", base):  # noqa: SLF001
+        infos = fs.get_file_info(pafs.FileSelector(base, allow_not_found=True, recursive=True))
+    root = base.rstrip("/") + "/"
+    h = hashlib.sha256(storage.uri.encode("utf-8"))
+    for info in sorted((i for i in infos if i.type == pafs.FileType.File), key=lambda i: i.path):
+        mtime = info.mtime_ns if info.mtime_ns is not None else -1
+        h.update(f"\0{info.path[len(root):]}\0{info.size}\0{mtime}".encode())
+    return h.hexdigest()
+
+
+def policy_folder(path_or_uri: str | os.PathLike, put: Callable[[bytes], object] | None = None,
+                  ship_max_bytes: int = DEFAULT_SHIP_MAX_BYTES) -> PolicyFolder:
+    """Driver side, after Ray starts: how every node gets the policy at `path_or_uri`. A URI is fetched
+    by each node from storage; a local folder of at most `ship_max_bytes` is packed once into Ray's
+    object store with `put` (ray.put); a bigger one, or any folder without `put`, stays a plain path
+    that every node must see."""
+    source = str(path_or_uri)
+    if "://" in source:
+        storage = Storage(source)
+        _check_policy_uri(storage, source)
+        return PolicyFolder(source, listing_digest(storage))
+    folder = Path(source).expanduser().resolve()
+    if put is None or _folder_bytes(folder) > ship_max_bytes:
+        return PolicyFolder(str(folder))
+    return PolicyFolder(str(folder), tree_digest(folder), put(pack_tree(folder)))
+
+
+def _check_policy_uri(storage: Storage, uri: str) -> None:
+    if storage.size("config.json") is None:
+        raise FileNotFoundError(f"model.path {uri}: no config.json there; a policy URI must name a Hugging Face "
+                                "folder (config.json, the weights, the tokenizer and processor files)")

@@ -25,6 +25,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 import socket
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass
@@ -229,22 +230,37 @@ def tcp_store(host: str, port: int, world_size: int, rank: int, timeout: timedel
                          master_listen_fd=listen_fd)
 
 
-class WeightGroup:
-    """A standalone process group of one weight sync membership (see the module docstring)."""
+def gloo_devices(own_host: str) -> list:
+    """This process's gloo devices: one per interface of GLOO_SOCKET_IFNAME when the user set it (hosts
+    with several networks), else one bound to `own_host`, this node's address. Never gloo's default
+    device, which resolves the hostname (on a host with several interfaces: the wrong address)."""
+    names = [n.strip() for n in os.environ.get("GLOO_SOCKET_IFNAME", "").split(",") if n.strip()]
+    if names:
+        return [dist.ProcessGroupGloo.create_device(interface=n) for n in names]
+    return [dist.ProcessGroupGloo.create_device(hostname=own_host)]
 
-    def __init__(self, info: GroupInfo, rank: int):
+
+class WeightGroup:
+    """A standalone process group of one weight sync membership (see the module docstring).
+
+    own_host: the address of this process's node, which its gloo device binds (Ray's node address on a
+    cluster). None: `info.host`, right for rank 0 (the store's host) and on one machine only.
+    """
+
+    def __init__(self, info: GroupInfo, rank: int, own_host: str | None = None):
         if not 0 <= rank < info.world_size:
             raise ValueError(f"rank {rank} outside the weight group of {info.world_size}")
         self.info, self.rank = info, rank
+        self.own_host = own_host or info.host
         self.last_fingerprint: str | None = None  # of the last version sent or received in full
         timeout = timedelta(seconds=info.timeout_s)
-        # bound to info.host (127.0.0.1 on one machine, the node's address on a cluster), never 0.0.0.0
+        # rank 0 listens on info.host (its own node's address), the others dial it; never 0.0.0.0
         self.store = tcp_store(info.host, info.port, info.world_size, rank, timeout)
         prefixed = dist.PrefixStore(f"saei-weights/{info.group_id}", self.store)
         if info.backend == "gloo":
             options = dist.ProcessGroupGloo._Options()
             options._timeout = timeout
-            options._devices = [dist.ProcessGroupGloo.create_device(hostname=info.host)]  # same: no wildcard
+            options._devices = gloo_devices(self.own_host)  # each rank on its own node's address
             self.pg = dist.ProcessGroupGloo(prefixed, rank, info.world_size, options)
             self.device = torch.device("cpu")
         elif info.backend == "nccl":
@@ -339,14 +355,15 @@ def finish(group: WeightGroup, ok: bool) -> None:
     group.max(int(not ok))
 
 
-def join(current: WeightGroup | None, info: GroupInfo, rank: int) -> WeightGroup:
+def join(current: WeightGroup | None, info: GroupInfo, rank: int, own_host: str | None = None) -> WeightGroup:
     """`current` if it is the group `info` names, else a new membership (a collective: every member of
-    `info` joins at the same time, which the first sync on a new group id does)."""
+    `info` joins at the same time, which the first sync on a new group id does). `own_host`: this
+    node's address (see WeightGroup)."""
     if current is not None and current.info.group_id == info.group_id and current.rank == rank:
         return current
     if current is not None:
         current.close()
-    return WeightGroup(info, rank)
+    return WeightGroup(info, rank, own_host)
 
 
 def receive_into(group: WeightGroup, state: dict[str, torch.Tensor]) -> Manifest:

@@ -19,7 +19,10 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from core.batch import TrainBatch
 from core.config import Config
 from core.devices import free_port, role_device
+from core.node_cache import PolicyFolder, node_local
+from core.resources import PlacementTimeout, bundle, unplaced_message
 from core.weights import GroupInfo
+from learner.checkpoint import check_storage_visible
 from learner.worker import LearnerWorker, learner_threads
 
 
@@ -36,11 +39,20 @@ class LearnerActor:
         """This rank's process id (for ops and for the tests that kill a rank)."""
         return os.getpid()
 
-    def setup(self, model_path: str, cfg: Config, rank: int, world_size: int, master_addr: str,
-              master_port: int) -> bool:
-        os.environ.setdefault("OMP_NUM_THREADS", "1")
-        self.worker = LearnerWorker(model_path, cfg, rank=rank, world_size=world_size, master_addr=master_addr,
-                                    master_port=master_port, device=role_device(cfg.cluster.learner_gpus))
+    def node_id(self) -> str:
+        return ray.get_runtime_context().get_node_id()
+
+    def setup(self, model_path: str | PolicyFolder, cfg: Config, rank: int, world_size: int, master_addr: str,
+              master_port: int, ranks_here: int | None = None) -> bool:
+        """Build this rank's worker: the policy from this node's cache, its gloo device on this node's
+        address, its threads from this node's cores shared by the `ranks_here` ranks on it."""
+        host = ray.util.get_node_ip_address()
+        threads = learner_threads(cfg, ranks_here)
+        if "OMP_NUM_THREADS" not in ((ray.get_runtime_context().runtime_env or {}).get("env_vars") or {}):
+            os.environ["OMP_NUM_THREADS"] = str(threads)  # unless the job's env set it; torch's: set below
+        self.worker = LearnerWorker(node_local(model_path, get=ray.get, where=host), cfg, rank=rank,
+                                    world_size=world_size, master_addr=master_addr, master_port=master_port,
+                                    device=role_device(cfg.cluster.learner_gpus), own_host=host, threads=threads)
         return True
 
     def update(self, batch: TrainBatch) -> dict[str, float]:
@@ -60,6 +72,9 @@ class LearnerActor:
     def save(self, path: str, client_state: dict | None) -> None:
         self.worker.save(path, client_state)
 
+    def check_storage(self, uri: str, token: str) -> None:
+        check_storage_visible(uri, token)
+
     def load(self, path: str) -> dict:
         return self.worker.load(path)
 
@@ -71,18 +86,20 @@ class LearnerRankDied(RuntimeError):
     """A learner rank's process is gone: the FSDP group cannot go on without it (its shard of the
     weights and optimizer state went with it), so the job stops and resumes from a checkpoint."""
 
-    def __init__(self, rank: int, call: str, cause: Exception):
-        self.rank, self.call = rank, call
-        super().__init__(f"learner rank {rank} died during {call} ({type(cause).__name__})")
+    def __init__(self, rank: int, call: str, cause: Exception, node: str = "?"):
+        self.rank, self.call, self.node = rank, call, node
+        super().__init__(f"learner rank {rank} on node {node} died during {call} ({type(cause).__name__})")
 
 
 # How long a rank's error waits for Ray to report a peer's death that may have caused it.
 _DEATH_GRACE_S = 10.0
 
 
-def _all_ranks(refs: list, call: str, timeout: float | None = None) -> list:
-    """Every rank's result; the first rank that died is named at once (the others would wait for it in a
-    collective until the group's timeout, learner.worker.GROUP_TIMEOUT)."""
+def _all_ranks(refs: list, call: str, timeout: float | None = None, nodes: list[str] | None = None) -> list:
+    """Every rank's result; the first rank that died is named at once, with its node's address from
+    `nodes` (the others would wait for it in a collective until the group's timeout,
+    learner.worker.GROUP_TIMEOUT)."""
+    where = nodes or ["?"] * len(refs)
     pending = dict(zip(refs, range(len(refs))))
     results: list = [None] * len(refs)
     deadline = None if timeout is None else time.monotonic() + timeout
@@ -96,14 +113,14 @@ def _all_ranks(refs: list, call: str, timeout: float | None = None) -> list:
             try:
                 results[rank] = ray.get(ref)
             except ray.exceptions.RayActorError as err:
-                raise LearnerRankDied(rank, call, err) from err
+                raise LearnerRankDied(rank, call, err, where[rank]) from err
             except ray.exceptions.RayError:
-                _raise_if_a_rank_died(pending, call)
+                _raise_if_a_rank_died(pending, call, where)
                 raise
     return results
 
 
-def _raise_if_a_rank_died(pending: dict, call: str) -> None:
+def _raise_if_a_rank_died(pending: dict, call: str, where: list[str]) -> None:
     """Raise LearnerRankDied if one of the `pending` ranks ({ref: rank}) turns out dead within the grace.
 
     A rank's error is often the echo of a peer's death (gloo: "Connection closed by peer") and can arrive
@@ -117,7 +134,7 @@ def _raise_if_a_rank_died(pending: dict, call: str) -> None:
             try:
                 ray.get(ref)
             except ray.exceptions.RayActorError as err:
-                raise LearnerRankDied(rank, call, err) from err
+                raise LearnerRankDied(rank, call, err, where[rank]) from err
             except ray.exceptions.RayError:
                 pass
 
@@ -125,31 +142,40 @@ def _raise_if_a_rank_died(pending: dict, call: str) -> None:
 class LearnerGroup:
     """`learner.num_workers` ranks (0: one in-process worker). Blocking, typed calls."""
 
-    def __init__(self, model_path: str, cfg: Config):
+    def __init__(self, model_path: str | PolicyFolder, cfg: Config):
         self.cfg = cfg
         n = cfg.learner.num_workers
         self.local: LearnerWorker | None = None
         self.actors: list = []
+        self.nodes: list[str] = []  # each rank's node address (named when a rank dies)
         self.pg = None
         if n == 0:
-            self.local = LearnerWorker(model_path, cfg, device=role_device(cfg.cluster.learner_gpus))
+            local = node_local(model_path, get=ray.get if ray.is_initialized() else None)
+            self.local = LearnerWorker(local, cfg, device=role_device(cfg.cluster.learner_gpus))
             return
-        bundle = {"CPU": cfg.cluster.learner_cpus}
-        if cfg.cluster.learner_gpus > 0:
-            bundle["GPU"] = cfg.cluster.learner_gpus
-        # PACK keeps ranks on as few nodes as possible: NCCL within a node is the fast path.
-        self.pg = placement_group([dict(bundle) for _ in range(n)], strategy="PACK")
-        ray.get(self.pg.ready(), timeout=600)
+        # PACK keeps ranks on as few nodes as possible: NCCL within a node is the fast path. Each bundle
+        # carries the rank's custom resources and accelerator type (cluster.learner_*): the ranks land
+        # only on the kind of node the config names.
+        self.pg = placement_group([bundle(cfg.cluster, "learner") for _ in range(n)], strategy="PACK")
+        try:
+            ray.get(self.pg.ready(), timeout=cfg.cluster.placement_timeout_s)
+        except ray.exceptions.GetTimeoutError:
+            remove_placement_group(self.pg)
+            raise PlacementTimeout(unplaced_message("learner rank", n, n, cfg.cluster, "learner",
+                                                    ray.available_resources())) from None
         self.actors = [
             LearnerActor.options(
                 num_cpus=cfg.cluster.learner_cpus, num_gpus=cfg.cluster.learner_gpus,
                 scheduling_strategy=PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=i),
-                runtime_env={"env_vars": {"OMP_NUM_THREADS": str(learner_threads(cfg))}},
             ).remote()
             for i in range(n)
         ]
         addr, port = ray.get(self.actors[0].address.remote())
-        ray.get([a.setup.remote(model_path, cfg, i, n, addr, port) for i, a in enumerate(self.actors)])
+        nodes = ray.get([a.node_id.remote() for a in self.actors])  # threads: each node's cores, its ranks'
+        ips = {node["NodeID"]: node["NodeManagerAddress"] for node in ray.nodes()}
+        self.nodes = [ips.get(node, node) for node in nodes]
+        ray.get([a.setup.remote(model_path, cfg, i, n, addr, port, nodes.count(nodes[i]))
+                 for i, a in enumerate(self.actors)])
 
     @property
     def num_workers(self) -> int:
@@ -160,7 +186,7 @@ class LearnerGroup:
         if self.local is not None:
             return self.local.update(batch)
         ref = ray.put(batch)  # one copy in the object store, every rank reads it
-        return _all_ranks([a.update.remote(ref) for a in self.actors], "update")[0]
+        return _all_ranks([a.update.remote(ref) for a in self.actors], "update", nodes=self.nodes)[0]
 
     def export_weights(self) -> dict[str, torch.Tensor]:
         """The full state dict (Hugging Face names) for the rollout actors and the adversary."""
@@ -173,7 +199,7 @@ class LearnerGroup:
         refs = [a.export_weights.remote() for a in self.actors]  # (weights, done) of each rank; {} but on rank 0
         # every rank, rank 0 included, must be done: a rank that died is named now, not by whoever
         # later reads the reference (a rollout actor, the adversary), nor by a hang in the gather
-        _all_ranks([done for _, done in refs], "export_weights")
+        _all_ranks([done for _, done in refs], "export_weights", nodes=self.nodes)
         return refs[0][0]
 
     def weights_fingerprint(self) -> str | None:
@@ -196,19 +222,26 @@ class LearnerGroup:
         if self.local is not None:
             return self.local.broadcast_weights(info, version, bucket_bytes)
         return _all_ranks([a.broadcast_weights.remote(info, version, bucket_bytes) for a in self.actors],
-                          "broadcast_weights", timeout)[0]
+                          "broadcast_weights", timeout, nodes=self.nodes)[0]
+
+    def check_storage(self, uri: str, token: str) -> None:
+        """Every rank reads the marker the driver wrote in the run folder `uri` (core.storage): a folder only
+        the driver's node sees fails now, naming the fix, not at the first checkpoint."""
+        if self.local is not None:
+            return check_storage_visible(uri, token)
+        _all_ranks([a.check_storage.remote(uri, token) for a in self.actors], "check_storage", nodes=self.nodes)
 
     def save(self, path: str, client_state: dict | None = None) -> None:
         """Checkpoint every rank to `path` (see LearnerWorker.save)."""
         if self.local is not None:
             return self.local.save(path, client_state)
-        _all_ranks([a.save.remote(path, client_state) for a in self.actors], "save")
+        _all_ranks([a.save.remote(path, client_state) for a in self.actors], "save", nodes=self.nodes)
 
     def load(self, path: str) -> dict:
         """Resume every rank from `path`; returns the client state saved with it."""
         if self.local is not None:
             return self.local.load(path)
-        return _all_ranks([a.load.remote(path) for a in self.actors], "load")[0]
+        return _all_ranks([a.load.remote(path) for a in self.actors], "load", nodes=self.nodes)[0]
 
     def shutdown(self) -> None:
         """Stop the ranks and free their placement group (the in-process worker keeps its group)."""

@@ -20,8 +20,11 @@ shards (export, broadcast, Hugging Face folder) are learner/weight_export.py.
 
 from __future__ import annotations
 
+import fcntl
 import math
 import os
+import socket
+import struct
 import time
 from datetime import timedelta
 
@@ -47,13 +50,42 @@ from learner.weight_export import broadcast_sharded, full_weights
 GROUP_TIMEOUT = timedelta(minutes=30)
 
 
-def learner_threads(cfg: Config) -> int:
-    """Torch threads of one CPU learner rank (`cluster.learner_threads`; 0: this node's cores shared
-    among the ranks)."""
+def learner_threads(cfg: Config, ranks_here: int | None = None) -> int:
+    """Torch threads of one CPU learner rank (`cluster.learner_threads`; 0: the cores of the node this
+    runs on shared among the `ranks_here` ranks on it, None: all `learner.num_workers`). Computed in the
+    rank's own process: the driver's node may have other cores."""
     if cfg.cluster.learner_threads > 0:
         return cfg.cluster.learner_threads
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(1, cores // max(1, cfg.learner.num_workers))
+    return max(1, cores // max(1, cfg.learner.num_workers if ranks_here is None else ranks_here))
+
+
+def interface_of(address: str) -> str | None:
+    """The network interface of this host whose IPv4 address is `address` (None: no interface has it
+    as its primary address, or it is not IPv4)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        for _, name in socket.if_nameindex():
+            try:  # SIOCGIFADDR: the interface's (primary) IPv4 address
+                raw = fcntl.ioctl(s.fileno(), 0x8915, struct.pack("256s", name.encode()[:15]))
+            except OSError:
+                continue
+            if socket.inet_ntoa(raw[20:24]) == address:
+                return name
+    return None
+
+
+def bind_gloo(own_host: str | None) -> str | None:
+    """Put this process's gloo devices on `own_host` (this node's address) by naming the interface that
+    holds it in GLOO_SOCKET_IFNAME: torch.distributed's default group takes no device option, and its
+    default device resolves the hostname (on a host with several interfaces: the wrong address). Set for
+    the process (every later gloo group agrees); a GLOO_SOCKET_IFNAME of the user's wins. Returns the
+    interface, or None (unchanged: no address given, or no interface holds it)."""
+    if own_host is None or os.environ.get("GLOO_SOCKET_IFNAME"):
+        return None
+    iface = interface_of(own_host)
+    if iface is not None:
+        os.environ["GLOO_SOCKET_IFNAME"] = iface
+    return iface
 
 
 def _plan(n_rows: int, rank: int, world: int, micro: int) -> list[list[int]]:
@@ -71,12 +103,14 @@ class LearnerWorker:
 
     model_path: local Hugging Face folder of the policy. rank / world_size / master_addr /
     master_port: the torch.distributed group (gloo on CPU, NCCL on CUDA); a default group that is
-    already initialised is reused (in-process mode). device: `cuda` when a GPU is visible and
-    `cluster.learner_gpus > 0`, else `cpu`.
+    already initialised is reused (in-process mode). own_host: this rank's node address, which its
+    gloo device binds (None: gloo's default). device: `cuda` when a GPU is visible and
+    `cluster.learner_gpus > 0`, else `cpu`. threads: torch threads on CPU (None: `learner_threads`).
     """
 
     def __init__(self, model_path: str, cfg: Config, rank: int = 0, world_size: int = 1,
-                 master_addr: str = "127.0.0.1", master_port: int | None = None, device: str | None = None):
+                 master_addr: str = "127.0.0.1", master_port: int | None = None, device: str | None = None,
+                 own_host: str | None = None, threads: int | None = None):
         self.cfg = cfg
         self.lcfg = cfg.learner
         self.model_path = str(model_path)
@@ -84,7 +118,7 @@ class LearnerWorker:
             device = role_device(cfg.cluster.learner_gpus)
         self.device = torch.device(device)
         if self.device.type == "cpu":
-            torch.set_num_threads(learner_threads(cfg))
+            torch.set_num_threads(threads or learner_threads(cfg))
         else:
             # "cuda" has no index: Ray's CUDA_VISIBLE_DEVICES shows each rank its own GPU as device 0
             self.device = torch.device("cuda", torch.cuda.current_device() if self.device.index is None else self.device.index)
@@ -95,6 +129,7 @@ class LearnerWorker:
             backend = "cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo"
             # the rendezvous store listens on master_addr only (torch's tcp:// init listens on every interface)
             store = tcp_store(master_addr, master_port or free_port(master_addr), world_size, rank, GROUP_TIMEOUT)
+            bind_gloo(own_host)  # each rank's device on its own node's address, not rank 0's
             dist.init_process_group(backend, store=store, rank=rank, world_size=world_size, timeout=GROUP_TIMEOUT)
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
         if self.world != world_size:

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from moto_s3 import S3_BUCKET, s3_env, s3_server  # noqa: F401 (fixtures: one S3 server per session)
 
 torch.set_num_threads(1)
 os.environ.setdefault("OMP_NUM_THREADS", "1")

@@ -25,11 +25,13 @@ __all__ = ["Engine", "EngineDied", "FinishReason", "GenerationRequest", "Generat
            "end_of_turn_ids", "make_engine", "sample_seed"]
 
 
-def make_engine(model_path: str, cfg: Config, device: str | torch.device | None = None) -> Engine:
+def make_engine(model_path: str, cfg: Config, device: str | torch.device | None = None,
+                host: str | None = None) -> Engine:
     """The engine `cfg.rollout.engine` names (`hf` or `vllm`), serving the policy at `model_path`.
 
     `device` places the engine (None: the rollout role's, core.devices.role_device): vLLM takes the GPU
-    its process sees (CUDA_VISIBLE_DEVICES under Ray) or runs on the CPU build.
+    its process sees (CUDA_VISIBLE_DEVICES under Ray) or runs on the CPU build. `host`: this node's
+    address, which vLLM's own processes use (None: loopback).
     """
     device = torch.device(device or role_device(cfg.cluster.rollout_gpus))
     kind = cfg.rollout.engine
@@ -42,5 +44,5 @@ def make_engine(model_path: str, cfg: Config, device: str | torch.device | None 
     if kind == "vllm":
         from actors.engines.vllm import VLLMEngine  # imports vllm
 
-        return VLLMEngine.from_config(model_path, cfg, device=device.type)
+        return VLLMEngine.from_config(model_path, cfg, device=device.type, host=host)
     raise ValueError(f"rollout.engine must be hf or vllm, got {kind!r}")

@@ -268,10 +268,11 @@ class HFEngine:
         with torch.no_grad():
             self.model.load_state_dict(named_tensors, strict=True)
 
-    def receive_weights(self, info: weights.GroupInfo, rank: int) -> int:
-        """Replace every weight with a sync of the weight group `info` (this engine is its `rank`); returns
-        the version received. A manifest that does not match the model raises and changes nothing."""
-        self._wgroup = weights.join(getattr(self, "_wgroup", None), info, rank)
+    def receive_weights(self, info: weights.GroupInfo, rank: int, own_host: str | None = None) -> int:
+        """Replace every weight with a sync of the weight group `info` (this engine is its `rank`, its
+        device on `own_host`, this node's address); returns the version received. A manifest that does
+        not match the model raises and changes nothing."""
+        self._wgroup = weights.join(getattr(self, "_wgroup", None), info, rank, own_host)
         version = weights.receive_into(self._wgroup, self.model.state_dict()).version
         self.received_fingerprint = self._wgroup.last_fingerprint
         return version

@@ -26,7 +26,8 @@ what differs between the two vLLM builds lives in `actors.engines.vllm_compat`.
   the tokens/s of one with their four processes, 1.48x in-process, and an engine starts in 5 s
   instead of 26 s (bench/rollout.py). Its threads are `threads` (OpenMP, no core binding: several
   engines, the learner and the adversary share the cores); its KV cache is `kv_cache_gb` GiB.
-- Its processes talk over loopback (VLLM_HOST_IP defaults to 127.0.0.1).
+- Its processes talk over `host` (VLLM_HOST_IP): loopback by default, this node's address (from Ray)
+  when a rollout actor runs it, never another node's.
 
 Sampling semantics (actors.engines.base): each of a request's n samples is its own vLLM request
 (n=1) seeded by `sample_seed(seed, i)`, so it draws from its own generator; that also lets greedy
@@ -68,7 +69,6 @@ _VLLM_ENV = {
     "TVM_FFI_DISABLE_TORCH_C_DLPACK": "1",  # xgrammar would compile a torch addon in every process
     "VLLM_ALLOW_INSECURE_SERIALIZATION": "1",  # a callable through collective_rpc, IPC handles
     "VLLM_WORKER_MULTIPROC_METHOD": "spawn",  # this process may touch CUDA (IPC sender)
-    "VLLM_HOST_IP": "127.0.0.1",  # the engine's own processes talk over loopback only
     "VLLM_NO_USAGE_STATS": "1",
     "HF_HUB_OFFLINE": "1",  # local folders only
     "TOKENIZERS_PARALLELISM": "false",
@@ -115,7 +115,8 @@ class VLLMEngine:
     costs more start-up than it saves in a short CPU job) and CUDA graphs on GPU.
     weight_transfer: `rpc` (safetensors bytes through collective_rpc; any sender, CPU and GPU) or `ipc`
     (CUDA IPC handles; the fast path when the sender shares this process's GPU, see gpu/README.md).
-    `llm_kwargs` go to `vllm.LLM` as they are (max_num_seqs, ...).
+    host: the address of this node, which the engine's own processes use (VLLM_HOST_IP) and its
+    weight-group devices bind. `llm_kwargs` go to `vllm.LLM` as they are (max_num_seqs, ...).
     """
 
     _inprocess_live = 0  # in-process engines open in this process (at most one)
@@ -123,7 +124,8 @@ class VLLMEngine:
     def __init__(self, model_path: str, dtype: str = "auto", device: str | None = None,
                  gpu_memory_utilization: float = 0.4, kv_cache_gb: float | None = None, threads: int = 1,
                  tensor_parallel_size: int = 1, enforce_eager: bool | None = None, max_model_len: int | None = None,
-                 seed: int = 0, weight_transfer: str = "rpc", inprocess: bool | None = None, **llm_kwargs):
+                 seed: int = 0, weight_transfer: str = "rpc", inprocess: bool | None = None,
+                 host: str = "127.0.0.1", **llm_kwargs):
         if weight_transfer not in ("rpc", "ipc"):
             raise ValueError(f"weight_transfer must be rpc or ipc, got {weight_transfer!r}")
         device = device or role_device(torch.cuda.device_count())  # built directly: any GPU it sees
@@ -137,6 +139,8 @@ class VLLMEngine:
             raise ValueError(f"kv_cache_gb must be > 0, got {kv_cache_gb}")
         for k, v in _VLLM_ENV.items():
             os.environ.setdefault(k, v)
+        self.host = host
+        os.environ["VLLM_HOST_IP"] = host  # this engine's node; vLLM reads it where it binds and dials
         path = str(model_path)
         config = self._read_folder(path)
         self.device = device
@@ -221,13 +225,14 @@ class VLLMEngine:
             self.llm.init_weight_transfer_engine({"init_info": {}})
 
     @classmethod
-    def from_config(cls, model_path: str, cfg: Config, device: str | None = None) -> VLLMEngine:
+    def from_config(cls, model_path: str, cfg: Config, device: str | None = None,
+                    host: str | None = None) -> VLLMEngine:
         r = cfg.rollout
         return cls(model_path, dtype=cfg.model.dtype, device=device,
                    gpu_memory_utilization=r.gpu_memory_utilization, kv_cache_gb=r.kv_cache_gb,
                    threads=max(1, int(cfg.cluster.rollout_cpus)), tensor_parallel_size=r.tensor_parallel_size,
                    enforce_eager=r.enforce_eager, max_model_len=r.max_model_len, seed=cfg.run.seed,
-                   inprocess=r.vllm_inprocess)
+                   inprocess=r.vllm_inprocess, host=host or "127.0.0.1")
 
     def _params(self, sampling: SamplingConfig, seed: int):
         from vllm import SamplingParams
@@ -315,9 +320,10 @@ class VLLMEngine:
         except EngineDeadError as err:
             raise self._dead(err, "load_weights") from err
 
-    def receive_weights(self, info, rank: int) -> int:
+    def receive_weights(self, info, rank: int, own_host: str | None = None) -> int:
         """Replace every weight with a sync of the weight group `info` (core.weights), streamed into vLLM's
-        in-place reload in every worker (ranks rank .. rank + self.ranks - 1); returns the version.
+        in-place reload in every worker (ranks rank .. rank + self.ranks - 1, their devices on
+        `own_host`, this node's address; None: the engine's host); returns the version.
 
         A manifest that does not match this engine (names, shapes, its dtype) raises before any byte
         moves, and the engine keeps serving its weights. Afterwards every cache is reset, as for
@@ -330,7 +336,7 @@ class VLLMEngine:
         self._alive("receive_weights")
         expected = {k: (shape, dtype_name(self.dtype)) for k, shape in self.expected.items()}
         try:
-            got = self.llm.collective_rpc(receive_in_worker, args=(info, rank, expected))
+            got = self.llm.collective_rpc(receive_in_worker, args=(info, rank, expected, own_host or self.host))
             self._reset_caches()
         except EngineDeadError as err:
             raise self._dead(err, "receive_weights") from err

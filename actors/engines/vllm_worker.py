@@ -41,14 +41,16 @@ def reprocess_tied_heads(worker) -> None:
             head.quant_method.process_weights_after_loading(head)
 
 
-def receive_in_worker(worker, info, base_rank: int, expected: dict) -> tuple[int, str | None]:
+def receive_in_worker(worker, info, base_rank: int, expected: dict, own_host: str | None = None
+                      ) -> tuple[int, str | None]:
     """Runs inside every vLLM worker (sent by collective_rpc): receive a sync of the weight group `info`
-    (core.weights; this worker is rank base_rank + its rank in the engine) and reload it in place,
-    bucket by bucket as it arrives. Returns the version received and the fingerprint of what arrived."""
+    (core.weights; this worker is rank base_rank + its rank in the engine, its device on `own_host`:
+    the engine's node, where its workers run) and reload it in place, bucket by bucket as it arrives.
+    Returns the version received and the fingerprint of what arrived."""
     from core import weights
 
     worker._saei_wgroup = weights.join(getattr(worker, "_saei_wgroup", None), info,
-                                       base_rank + int(getattr(worker, "rank", 0)))
+                                       base_rank + int(getattr(worker, "rank", 0)), own_host)
     manifest, tensors = weights.receive(worker._saei_wgroup, expected)
     ok = False
     try:

@@ -180,7 +180,7 @@ def test_kills_during_a_job_lose_and_duplicate_nothing(bootstrapped_run, head, t
 
 # What the job prints when a rank dies (cluster.checkpoints.JobStopped around learner.group.LearnerRankDied),
 # up to the resume line, which must be exactly `resume_line` of the newest complete checkpoint
-STOPPED = re.compile(r"^error: learner rank (\d+) died during (\w+) \((\w+)\); the job stops \(an FSDP group "
+STOPPED = re.compile(r"^error: learner rank (\d+) on node 127\.0\.0\.1 died during (\w+) \((\w+)\); the job stops \(an FSDP group "
                      r"cannot lose a rank\)\. (.*)$", re.M)
 
 

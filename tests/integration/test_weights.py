@@ -85,12 +85,21 @@ def test_manifest_check_names_the_tensor():
 
 
 
+# The receivers' own address (rank 0's is info.host, 127.0.0.1): another loopback address, one this
+# host does not have (TEST-NET-1), and that unbindable one with GLOO_SOCKET_IFNAME=lo, which wins.
+_OWN_HOST = {"own_host": "127.0.0.2", "unbindable": "192.0.2.123", "ifname": "192.0.2.123"}
+
+
 def _member(rank: int, info: GroupInfo, mode: str, out) -> None:
     """One process of a sync: rank 0 sends _weights(1) as version 7, the others receive."""
+    import os
+
     torch.set_num_threads(1)
+    if mode == "ifname":
+        os.environ["GLOO_SOCKET_IFNAME"] = "lo"
     w = _weights(1)
     try:
-        group = WeightGroup(info, rank)
+        group = WeightGroup(info, rank, own_host=_OWN_HOST.get(mode) if rank > 0 else None)
         if rank == 0:
             if mode == "sender_streams":  # tensors made one by one as their bucket leaves
                 named = ((k, v.clone()) for k, v in w.items())
@@ -138,7 +147,7 @@ def _run(mode: str, timeout_s: float = 20.0) -> dict:
     return results
 
 
-@pytest.mark.parametrize("mode", ["plain", "sender_streams"])
+@pytest.mark.parametrize("mode", ["plain", "sender_streams", "own_host", "ifname"])
 def test_a_sync_reaches_every_receiver_bitwise(mode):
     results = _run(mode)
     assert results[0] == ("sent", None)
@@ -153,6 +162,15 @@ def test_a_rejected_manifest_moves_nothing_and_names_the_tensor():
     assert results[2][0] == "ManifestMismatch" and "a.weight is float32[7, 5]" in results[2][1]
     assert results[1][0] == "SyncAborted" and "another receiver rejected" in results[1][1]
     assert results[0][0] == "SyncAborted" and "rejected the manifest" in results[0][1]
+
+
+def test_each_receiver_binds_its_own_address_not_the_senders():
+    """A receiver's device is on the address it is given: one this host lacks cannot be bound (with
+    rank 0's address, as before, it would have been; on a cluster that was the bug)."""
+    results = _run("unbindable", timeout_s=5.0)
+    for r in (1, 2):
+        assert results[r][0] not in ("received", "sent") and "192.0.2.123" in results[r][1], results[r]
+    assert results[0][0] != "sent", results
 
 
 def test_a_receiver_that_dies_mid_sync_does_not_hang_the_sender():

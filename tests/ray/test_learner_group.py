@@ -98,7 +98,8 @@ def test_a_rank_that_dies_is_named_before_the_group_timeout(ray_cluster, tiny_po
     finally:
         group.shutdown()
     assert (info.value.rank, info.value.call) == (dead, call)
-    assert str(info.value).startswith(f"learner rank {dead} died during {call} (")
+    assert str(info.value).startswith(f"learner rank {dead} on node {group.nodes[dead]} died during {call} (")
+    assert group.nodes[dead] == "127.0.0.1"  # the node's address, from Ray
     # the survivor would otherwise wait for the dead rank in a collective until the group's timeout
     assert waited < GROUP_TIMEOUT.total_seconds()
 

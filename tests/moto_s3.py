@@ -1,5 +1,6 @@
-"""Fixtures of the integration tier: a real S3 server (moto's server mode on 127.0.0.1, IAM authentication
-on), one per session, configured for a test only through the standard AWS environment variables."""
+"""A real S3 server for the tests: moto's server mode on 127.0.0.1 with IAM authentication on, one per
+session (the fixtures are re-exported by tests/conftest.py), configured for a test only through the
+standard AWS environment variables."""
 
 from __future__ import annotations
 
