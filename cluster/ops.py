@@ -21,6 +21,7 @@ import sys
 import time
 
 import ray
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 CONTROLLER_PREFIX = "saei-controller-"
 
@@ -79,7 +80,11 @@ def start_controller(namespace: str, run_name: str, rollout_workers: int):
             raise RuntimeError(f"another running job (Ray job {owner}) has the controller {name!r} in namespace "
                                f"{namespace!r}: give this run another run.name or cluster.namespace")
         ray.kill(old)
-    return JobController.options(name=name, namespace=namespace).remote(run_name, rollout_workers)
+    # on the driver's own node: the job's control plane must not die with a worker node (the driver
+    # waits on it every step; if the driver's node dies, the job is gone anyway)
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+    return JobController.options(name=name, namespace=namespace, num_cpus=0,
+                                 scheduling_strategy=here).remote(run_name, rollout_workers)
 
 
 def running_jobs(namespace: str) -> list[str]:

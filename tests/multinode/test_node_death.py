@@ -14,6 +14,7 @@ import pytest
 from test_job import EXCLUDES, _bucket, _steps, _where
 
 pytestmark = [pytest.mark.multinode, pytest.mark.slow]
+STEPS = 40  # ~1 s each: enough left after the kill for a replacement to load and serve
 
 # Shares small enough that everything fits on the head alone once B is gone (2 logical CPUs).
 ARGS = ["run.name=death", "run.eval_every=0", "run.eval_before_train=false", "run.save_every=0",
@@ -44,7 +45,7 @@ def test_rollout_and_adversary_come_back_on_the_surviving_node(two_nodes, tiny_p
            "--submission-id", sid, "--working-dir", str(two_nodes.repo),
            "--runtime-env-json", json.dumps({"excludes": EXCLUDES}),
            "--entrypoint-num-cpus", "0.25", "--entrypoint-resources", json.dumps({"head": 0.01}),
-           "--", "python", "-m", "cluster.train", *ARGS, "run.steps=6", f"run.output_dir={runs}",
+           "--", "python", "-m", "cluster.train", *ARGS, f"run.steps={STEPS}", f"run.output_dir={runs}",
            f"model.path={tiny_policy_dir}"]
     proc = two_nodes.run_in_a(cmd, env=two_nodes.driver_env(RAY_ADDRESS=two_nodes.dashboard_url), timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -63,6 +64,7 @@ def test_rollout_and_adversary_come_back_on_the_surviving_node(two_nodes, tiny_p
     t0 = time.monotonic()
     killed = two_nodes.kill_worker()
     print(f"\nkilled node B ({len(killed)} processes) after step {len(steps)}")
+    assert len(steps) < STEPS // 2, "the kill came too late to test anything"
     try:
         done = two_nodes.py_in_a(WAIT_JOB, timeout=900, DASHBOARD=two_nodes.dashboard_url, SUBMISSION_ID=sid,
                                  TIMEOUT=600)
@@ -70,11 +72,15 @@ def test_rollout_and_adversary_come_back_on_the_surviving_node(two_nodes, tiny_p
         assert done["status"].endswith("SUCCEEDED"), done["logs"]
         got = _bucket(two_nodes, f"{runs}/{run}", "metrics.jsonl")
         rows = _steps(got["texts"]["metrics.jsonl"])
-        assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]  # each step once
-        assert max(r["rollout/restarts"] for r in rows) >= 1, [r["rollout/restarts"] for r in rows]
-        n = 2 * 2  # batch_size prompts x (n_clean + n_adv) samples per prompt, every step
-        assert all(r["rollout/samples"] == n for r in rows if "rollout/samples" in r), rows
+        assert [r["step"] for r in rows] == list(range(1, STEPS + 1))  # each step once
         after = _where(two_nodes, sid)
+        print(f"roles before {before}, after {after}")
+        # the lost actor came back: restarted by Ray (a new process in its slot) or replaced by the pool
+        came_back = max(r["rollout/restarts"] for r in rows) >= 1 or "out of restarts; replacing it" in done["logs"]
+        assert came_back, done["logs"]
+        # every step's groups whole: 2 prompts x 2 clean and 2 adversarial samples, none lost or duplicated
+        assert all((r["samples/clean"], r["samples/adversarial"], r["samples/lost"], r["samples/duplicated"])
+                   == (4, 4, 0, 0) for r in rows), [(r["step"], r["samples/lost"]) for r in rows]
         assert after["RolloutActor"].count(two_nodes.ip_a) >= 2, after  # the replacement runs on A
     finally:
         two_nodes.restart_worker()
