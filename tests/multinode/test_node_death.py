@@ -1,5 +1,5 @@
-"""A worker node dies mid-job (its raylet and every process on it, SIGKILLed by pid): the rollout actor and
-the adversary that ran there come back on the surviving node and the job finishes with every step's
+"""A worker node dies mid-job (its raylet and every process on it, SIGKILLed by pid): the rollout actor that
+ran there (and the adversary, when it did) comes back on the surviving node and the job finishes with every step's
 groups once. The learner ranks are pinned to the head (`cluster.learner_resources`), so losing B costs
 no rank. Node B is started again afterwards for the tests that follow.
 """
@@ -64,8 +64,8 @@ def test_rollout_and_adversary_come_back_on_the_surviving_node(two_nodes, tiny_p
     t0 = time.monotonic()
     killed = two_nodes.kill_worker()
     print(f"\nkilled node B ({len(killed)} processes) after step {len(steps)}")
-    assert len(steps) < STEPS // 2, "the kill came too late to test anything"
     try:
+        assert len(steps) < STEPS // 2, "the kill came too late to test anything"
         done = two_nodes.py_in_a(WAIT_JOB, timeout=900, DASHBOARD=two_nodes.dashboard_url, SUBMISSION_ID=sid,
                                  TIMEOUT=600)
         print(f"job {done['status']} {time.monotonic() - t0:.1f} s after the kill")
@@ -75,12 +75,10 @@ def test_rollout_and_adversary_come_back_on_the_surviving_node(two_nodes, tiny_p
         assert [r["step"] for r in rows] == list(range(1, STEPS + 1))  # each step once
         after = _where(two_nodes, sid)
         print(f"roles before {before}, after {after}")
-        # the lost actor came back: restarted by Ray (a new process in its slot) or replaced by the pool
-        came_back = max(r["rollout/restarts"] for r in rows) >= 1 or "out of restarts; replacing it" in done["logs"]
-        assert came_back, done["logs"]
         # every step's groups whole: 2 prompts x 2 clean and 2 adversarial samples, none lost or duplicated
         assert all((r["samples/clean"], r["samples/adversarial"], r["samples/lost"], r["samples/duplicated"])
                    == (4, 4, 0, 0) for r in rows), [(r["step"], r["samples/lost"]) for r in rows]
-        assert after["RolloutActor"].count(two_nodes.ip_a) >= 2, after  # the replacement runs on A
+        # the lost actor came back on A: restarted there by Ray (same actor, its new node) or replaced by the pool
+        assert after["RolloutActor"].count(two_nodes.ip_a) >= 2, (after, done["logs"][-4000:])
     finally:
         two_nodes.restart_worker()
